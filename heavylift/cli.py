@@ -1,0 +1,62 @@
+"""The ``heavylift`` command. User mistakes print one line (no traceback) and exit with status 2.
+
+    heavylift train [--config run.yaml|run.toml] [--deepspeed ds.json] [--dotted.key value ...]
+
+Precedence, lowest first: built-in defaults (the embedded default run), the DeepSpeed JSON (replaces the
+engine section), the config file, the command-line overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from heavylift.config.errors import ConfigError, HeavyliftError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="heavylift", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fine-tune a model (no arguments: the embedded default run)",
+                                epilog="any other --dotted.key value sets that config key, e.g. --engine.optim.lr 3e-5")
+    train.add_argument("--config", help="YAML or TOML file with TrainConfig keys")
+    train.add_argument("--deepspeed", help="DeepSpeed JSON config to import as the engine section")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            _quiet_transformers()
+            from heavylift.train import run
+            run(train_config(args.config, args.deepspeed, overrides))
+    except (HeavyliftError, ConfigError) as e:
+        print(f"heavylift: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train_config(path: str | None, deepspeed: str | None, overrides: list[str]):
+    from heavylift.config.load import apply_overrides, build, load_file
+    from heavylift.config.train import TrainConfig
+
+    tree = dataclasses.asdict(TrainConfig())
+    if deepspeed:
+        from heavylift.config.deepspeed import from_deepspeed
+        engine, _notes = from_deepspeed(deepspeed, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        tree["engine"] = dataclasses.asdict(engine)
+    if path:
+        tree = _merge(tree, load_file(path))
+    return build(TrainConfig, apply_overrides(tree, overrides))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

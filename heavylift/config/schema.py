@@ -1,0 +1,133 @@
+"""The one typed configuration tree.
+
+Every user-facing setting lives here, as a field of a frozen-shape dataclass. Loaders (YAML/TOML files,
+dotted command-line overrides, DeepSpeed JSON) only produce these objects; ``validate`` checks them once,
+before any process group or allocation, and raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from heavylift.config.errors import ConfigError
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+ScheduleKind = Literal["constant", "warmup", "warmup_cosine", "warmup_linear"]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyper-parameters (decoupled weight decay, as ``torch.optim.AdamW``)."""
+
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Global L2 gradient-norm clip; 0 disables clipping.
+    max_grad_norm: float = 1.0
+    # Parameters whose name matches one of these substrings, and every 1-D parameter (norms, biases),
+    # get no weight decay.
+    no_decay: tuple[str, ...] = ("bias", "norm")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, as a multiplier of ``optim.lr`` per optimizer step."""
+
+    kind: ScheduleKind = "constant"
+    warmup_steps: int = 0
+    # Needed by the decaying schedules; the trainer fills it from ``train.max_steps`` when left at 0.
+    total_steps: int = 0
+    # Multiplier at the start of warm-up and at the end of decay.
+    warmup_start_ratio: float = 0.0
+    min_ratio: float = 0.0
+
+
+@dataclass
+class PrecisionConfig:
+    """Compute dtype of the GPU copy of the weights; fp16 adds dynamic loss scaling."""
+
+    dtype: Dtype = "bf16"
+    # fp16 only. 0 means dynamic scaling starting at 2**initial_scale_power.
+    loss_scale: float = 0.0
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class OffloadConfig:
+    """Where the optimizer state lives and how its CPU step is overlapped."""
+
+    device: Literal["cpu"] = "cpu"
+    pin_memory: bool = True
+    # Fraction of buckets (in gradient-arrival order) stepped on the CPU; the rest (the buckets whose
+    # gradients arrive last) keep their optimizer state on the GPU. None: chosen automatically.
+    ratio: float | None = None
+    # Optimizer threads per rank; 0 means chosen from the cores this rank may use.
+    cpu_threads: int = 0
+    # Step CPU buckets during backward, before the global norm is known (exactly undone or redone if
+    # clipping triggers or a gradient is not finite). Off: CPU buckets step after backward.
+    speculate: bool = True
+    # Target bucket size in parameters (buckets never split a parameter and never span two FSDP units).
+    bucket_params: int = 200_000_000
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+
+
+@dataclass
+class EngineConfig:
+    """What :func:`heavylift.initialize` needs: optimizer, schedule, precision, offload, batching."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    activation_checkpointing: bool = True
+    seed: int = 0
+
+
+def validate(cfg: EngineConfig) -> EngineConfig:
+    """Check every field once; raise :class:`ConfigError` naming the dotted key and what is allowed."""
+    o = cfg.optim
+    _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
+    _check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas,
+           "two numbers in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "a number > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _check(o.max_grad_norm >= 0, "optim.max_grad_norm", o.max_grad_norm, "a number >= 0 (0 disables)")
+    s = cfg.schedule
+    _check(s.kind in ("constant", "warmup", "warmup_cosine", "warmup_linear"), "schedule.kind", s.kind,
+           "constant, warmup, warmup_cosine or warmup_linear")
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "an integer >= 0")
+    _check(s.total_steps >= 0, "schedule.total_steps", s.total_steps, "an integer >= 0")
+    _check(0 <= s.warmup_start_ratio <= 1, "schedule.warmup_start_ratio", s.warmup_start_ratio, "[0, 1]")
+    _check(0 <= s.min_ratio <= 1, "schedule.min_ratio", s.min_ratio, "[0, 1]")
+    p = cfg.precision
+    _check(p.dtype in ("bf16", "fp16", "fp32"), "precision.dtype", p.dtype, "bf16, fp16 or fp32")
+    _check(p.loss_scale >= 0, "precision.loss_scale", p.loss_scale, "0 (dynamic) or a number > 0")
+    _check(p.loss_scale_window >= 1, "precision.loss_scale_window", p.loss_scale_window, "an integer >= 1")
+    _check(p.min_loss_scale > 0, "precision.min_loss_scale", p.min_loss_scale, "a number > 0")
+    _check(p.hysteresis >= 1, "precision.hysteresis", p.hysteresis, "an integer >= 1")
+    f = cfg.offload
+    _check(f.device == "cpu", "offload.device", f.device,
+           "cpu (the NVMe tier is not built yet; see issue 6)")
+    _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
+    _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
+    _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
+    b = cfg.batch
+    _check(b.micro_batch_size >= 1, "batch.micro_batch_size", b.micro_batch_size, "an integer >= 1")
+    _check(b.grad_accum >= 1, "batch.grad_accum", b.grad_accum, "an integer >= 1")
+    return cfg
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)

@@ -1,0 +1,270 @@
+"""``heavylift.initialize``: wrap a stock HF model in FSDP2 + the offloaded AdamW, DeepSpeed-style.
+
+    engine, optimizer, _, lr_scheduler = heavylift.initialize(model=model, config=cfg)
+    for batch in loader:
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()          # steps the optimizer at each accumulation boundary
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from heavylift.config.schema import EngineConfig, validate
+from heavylift.dist.env import DistEnv, init_dist
+from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
+from heavylift.offload.pipeline import OffloadPipeline, StepResult
+from heavylift.offload.preflight import check_host_memory
+from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of
+from heavylift.optim.adamw import AdamWHyper
+from heavylift.optim.loss_scale import LossScaler
+from heavylift.optim.optimizer import OffloadedAdamW
+from heavylift.optim.schedule import build_scheduler
+from heavylift.shard.fsdp import apply_fsdp, find_blocks
+from heavylift.shard.layout import local_shape, local_shard
+
+log = logging.getLogger("heavylift")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def initialize(model: nn.Module, config: EngineConfig | dict | str | None = None, **_ignored: Any):
+    """Shard ``model`` (on CPU, any dtype; its values become the fp32 master weights) and build the engine.
+
+    ``config`` is an :class:`EngineConfig`, or a DeepSpeed config (dict or JSON path). Returns
+    ``(engine, optimizer, None, lr_scheduler)`` like ``deepspeed.initialize``.
+    """
+    cfg = _coerce_config(config)
+    engine = Engine(model, cfg)
+    return engine, engine.optimizer, None, engine.lr_scheduler
+
+
+def _coerce_config(config: EngineConfig | dict | str | None) -> EngineConfig:
+    if config is None:
+        return validate(EngineConfig())
+    if isinstance(config, EngineConfig):
+        return validate(config)
+    from heavylift.config.deepspeed import from_deepspeed
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cfg, notes = from_deepspeed(config, world_size=world)
+    for note in notes:
+        log.info("deepspeed config: %s", note)
+    return cfg
+
+
+def auto_cpu_threads() -> int:
+    """Optimizer threads for this rank: its share of the allowed cores, less two for the training
+    thread and the copy launches (measured: all cores for AdamW slows it under load)."""
+    cores = len(os.sched_getaffinity(0))
+    per_rank = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(per_rank - 2, 1)
+
+
+def _is_no_decay(name: str, p: torch.Tensor, patterns: tuple[str, ...]) -> bool:
+    return p.dim() < 2 or any(pat in name for pat in patterns)
+
+
+class Engine:
+    """Owns the sharded model, the state store, the pipeline and the step counters of one rank."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig):
+        self.config = cfg
+        self.env: DistEnv = init_dist()
+        self.device = self.env.device
+        self.dtype = _DTYPES[cfg.precision.dtype]
+        self.scaler = LossScaler.from_config(cfg.precision)
+        self.micro_step = 0
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.last_step: StepResult | None = None
+
+        blocks = find_blocks(model)
+        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "config"):
+                model.config.use_cache = False
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        unit_of = {}
+        for u, block in enumerate(blocks):
+            for p in block.parameters():
+                unit_of[id(p)] = u
+        root_unit = len(blocks)
+        o = cfg.optim
+        self._group_of_name = {n: int(_is_no_decay(n, p, o.no_decay)) for n, p in named}
+        rank, world = self.env.rank, self.env.world_size
+        units: list[list[ParamSpec]] = [[] for _ in range(root_unit + 1)]
+        shapes: dict[str, torch.Size] = {}
+        for n, p in named:
+            shapes[n] = local_shape(p.shape, rank, world)
+            units[unit_of.get(id(p), root_unit)].append(ParamSpec(n, shapes[n].numel(), self._group_of_name[n]))
+        specs = plan_buckets(units, cfg.offload.bucket_params)
+        ratio = cfg.offload.ratio if cfg.offload.ratio is not None else self._auto_ratio(specs)
+        first_tail = split_tail(specs, ratio)
+        self._preflight(specs[:first_tail])
+
+        # Host state first, from the caller's full-precision values; then cast and shard the model.
+        values = dict(named)
+        self.buckets: list[BucketState] = []
+        for spec in specs:
+            state_device = torch.device("cpu") if spec.index < first_tail else self.device
+            bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], state_device,
+                                     pin=cfg.offload.pin_memory and torch.cuda.is_available(),
+                                     snapshot=cfg.offload.speculate)
+            with torch.no_grad():
+                for slot in bucket.slots:
+                    full = values[slot.spec.name].detach()
+                    slot.master.copy_(local_shard(full, rank, world).reshape(slot.master.shape))
+            self.buckets.append(bucket)
+        del values
+        model.to(dtype=self.dtype)
+        apply_fsdp(model, blocks, self.env.mesh, reduce_dtype=torch.float32)
+        self.module = model
+
+        sharded = dict(model.named_parameters())
+        slot_of: dict[int, Slot] = {}
+        params_of: dict[int, tuple[int, int]] = {}
+        for b, bucket in enumerate(self.buckets):
+            for i, slot in enumerate(bucket.slots):
+                p = sharded[slot.spec.name]
+                if local_of(p).shape != slot.master.shape:
+                    raise AssertionError(f"shard layout mismatch for {slot.spec.name}: FSDP2 "
+                                         f"{tuple(local_of(p).shape)} vs planned {tuple(slot.master.shape)}")
+                slot.device_param = p
+                slot_of[id(p)] = slot
+                params_of[id(p)] = (b, i)
+        groups = [
+            {"params": [sharded[n] for n, _ in named if self._group_of_name[n] == g], "lr": o.lr,
+             "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay if g == 0 else 0.0}
+            for g in (0, 1)
+        ]
+        self._group_index = [g for g in (0, 1) if groups[g]["params"]]
+        groups = [groups[g] for g in self._group_index]
+        self.pipeline = OffloadPipeline(
+            self.buckets, params_of, self._slot_group, self._hyper, self.device,
+            dist.group.WORLD, cfg.offload.speculate, cfg.offload.cpu_threads or auto_cpu_threads(),
+        )
+        self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step)
+        self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                slot.device_param.register_post_accumulate_grad_hook(self.pipeline.on_grad)
+        unit_buckets: dict[int, list[int]] = {}
+        for b in self.buckets:
+            unit_buckets.setdefault(b.spec.unit, []).append(b.spec.index)
+        for u, module in enumerate([*blocks, model]):
+            idx = unit_buckets.get(u, [])
+            module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
+        self.first_tail = first_tail
+
+    # ---- planning ---------------------------------------------------------------------------------
+    def _auto_ratio(self, specs: list[BucketSpec]) -> float:
+        """GPU tail: on CUDA, the buckets of the root unit (embeddings/head, whose gradients arrive last)
+        if their fp32 state fits in a tenth of the card; on CPU, none (all state in the host store)."""
+        if self.device.type != "cuda":
+            return 1.0
+        total = sum(s.numel for s in specs)
+        root = max(s.unit for s in specs)
+        tail = sum(s.numel for s in specs if s.unit == root)
+        budget = torch.cuda.get_device_properties(self.device).total_memory * 0.10 / 16
+        return 1.0 - (tail / total if tail <= budget else 0.0)
+
+    def _preflight(self, host_specs: list[BucketSpec]) -> None:
+        n = sum(s.numel for s in host_specs)
+        per_param = 16 + (12 if self.config.offload.speculate else 0)
+        pin = self.config.offload.pin_memory and torch.cuda.is_available()
+        check_host_memory(n * per_param, n * 8, pin)
+
+    # ---- hyper-parameters as the scheduler left them ------------------------------------------------
+    def _slot_group(self, slot: Slot) -> int:
+        return self._group_index.index(slot.spec.group)
+
+    def _hyper(self, g: int) -> AdamWHyper:
+        group = self.optimizer.param_groups[g]
+        b1, b2 = group["betas"]
+        return AdamWHyper(lr=float(group["lr"]), beta1=b1, beta2=b2, eps=group["eps"],
+                          weight_decay=group["weight_decay"])
+
+    # ---- DeepSpeed-shaped training API --------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    forward = __call__
+
+    def train(self, mode: bool = True) -> "Engine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        return self.train(False)
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.config.batch.grad_accum
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_step + 1) % self.gradient_accumulation_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            self.pipeline.begin_boundary_backward(inv_scale=1.0 / self.scaler.scale)
+        self.pipeline.boundary = boundary
+        self.pipeline.in_backward = True
+        try:
+            (loss * (self.scaler.scale / self.gradient_accumulation_steps)).backward()
+        finally:
+            self.pipeline.in_backward = False
+        if boundary:
+            self.pipeline.end_backward()
+
+    def step(self) -> None:
+        """Count a micro-step; at an accumulation boundary, validate and finish the optimizer step."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_step += 1
+        if boundary:
+            self.optimizer.step()
+
+    def _optimizer_step(self) -> StepResult:
+        result = self.pipeline.finish_step(self.config.optim.max_grad_norm)
+        self.scaler.update(result.skipped)
+        self.global_step += 1
+        if result.skipped:
+            self.skipped_steps += 1
+        else:
+            self.lr_scheduler.step()
+        self.last_step = result
+        return result
+
+    # ---- reading the fp32 master weights --------------------------------------------------------------
+    @torch.no_grad()
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter's full fp32 master weight by name (gathered from all ranks, on CPU)."""
+        self.pipeline.wait_all()
+        out = {}
+        world = self.env.world_size
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                full_shape = slot.device_param.shape
+                local = slot.master.detach().to("cpu")
+                if world > 1:
+                    rows = full_shape[0] if len(full_shape) else 1
+                    chunk = -(-rows // world)
+                    pad = torch.zeros((chunk, *local.shape[1:]), dtype=local.dtype, device=self.device)
+                    pad[: local.shape[0]] = local.to(self.device)
+                    parts = [torch.empty_like(pad) for _ in range(world)]
+                    dist.all_gather(parts, pad)
+                    local = torch.cat([t.to("cpu") for t in parts])[:rows]
+                out[slot.spec.name] = local.reshape(full_shape).clone()
+        return out
+
+    def close(self) -> None:
+        self.pipeline.wait_all()
+        self.pipeline.close()

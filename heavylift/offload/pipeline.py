@@ -1,0 +1,311 @@
+"""The bucket pipeline: gradients stream to the host during backward, a CPU worker steps each bucket
+as soon as it lands, and the updated weights stream back, bucket by bucket.
+
+Schedule of one optimizer step (the last micro-batch of an accumulation window)::
+
+    autograd thread          FSDP post-reduce stream   d2h stream           CPU worker thread         h2d stream
+    backward(block L-1) ---> reduce-scatter(L-1) ----> hook: d2h waits; g -> pinned slot
+                                                        record ev_g[b] --> ev_g.sync; snapshot p,m,v
+                                                                           AdamW(g) (speculative) --> master -> param
+    backward(block L-2) ---> ...                                                                      record ev_p[b]
+    ...                                                                    (buckets in arrival order)
+    backward(root) --------> reduce-scatter(root) ---> tail buckets: g stays on the GPU
+    step(): all-reduce sum(g^2) -> norm, finite?  (waits for no CPU bucket)
+       commit (finite, norm <= clip):  speculative results stand
+       clip   (norm > clip):           worker: restore snapshot, g *= c, AdamW, re-upload
+       skip   (inf/NaN):               worker: restore snapshot, re-upload (state bit-identical)
+       GPU tail: fused AdamW on the compute stream, master -> param
+    next forward: pre-hook of unit u blocks until u's buckets are final and uploaded (per layer, not per step)
+
+Only the autograd thread touches autograd, FSDP and ``.grad``; the worker touches host buffers, the
+copy into the device shard on its own stream, and threading events. Every device tensor a side stream
+reads stays referenced until that stream's event has completed, so the caching allocator never hands
+its memory to someone else early.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from heavylift.offload.store import BucketState, Slot, local_of, restore_snapshot, take_snapshot
+from heavylift.optim.adamw import AdamWHyper, adamw_step_, clip_coefficient, sum_of_squares
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    clip_coef: float
+    skipped: bool
+
+
+@dataclass
+class _Pending:
+    """One bucket's share of the current optimizer step."""
+
+    active: list[Slot] = field(default_factory=list)  # slots that received a gradient
+    grads: list[Tensor] = field(default_factory=list)  # device grads, alive until copied
+    dispatched: bool = False
+    speculated: threading.Event = field(default_factory=threading.Event)
+    spec_ok: bool = False  # the speculative step ran (its gradients were finite)
+    sumsq: Tensor | None = None  # device, float32
+
+
+class OffloadPipeline:
+    def __init__(
+        self,
+        buckets: list[BucketState],
+        params_of: dict[int, tuple[int, int]],
+        group_of_slot: Callable[[Slot], int],
+        hypers: Callable[[int], AdamWHyper],
+        device: torch.device,
+        process_group: dist.ProcessGroup,
+        speculate: bool,
+        cpu_threads: int,
+    ):
+        self.buckets = buckets
+        self._params_of = params_of  # id(param) -> (bucket index, slot index)
+        self._group_of_slot = group_of_slot
+        self._hypers = hypers
+        self._groups = sorted({group_of_slot(s) for b in buckets for s in b.slots})
+        self._step_hypers: dict[int, AdamWHyper] = {}
+        self.device = device
+        self._pg = process_group
+        self.speculate = speculate
+        self._cuda = device.type == "cuda"
+        self._d2h = torch.cuda.Stream(device) if self._cuda else None
+        self._h2d = torch.cuda.Stream(device) if self._cuda else None
+        self._upload_ev: list[torch.cuda.Event | None] = [None] * len(buckets)
+        self._final = [threading.Event() for _ in buckets]
+        for ev in self._final:
+            ev.set()
+        self._pending: list[_Pending] = [_Pending() for _ in buckets]
+        self.wait_seconds = 0.0  # autograd thread blocked in forward pre-hooks (exposed optimizer time)
+        self._speculate_now = speculate
+        self._last_committed = True
+        self.boundary = False
+        self.in_backward = False
+        self.inv_scale = 1.0
+        self._error: BaseException | None = None
+        self._tasks: queue.Queue = queue.Queue()
+        self._cpu_threads = cpu_threads
+        self._worker = threading.Thread(target=self._work, name="heavylift-cpu-adamw", daemon=True)
+        self._worker.start()
+
+    # ---- autograd thread: backward ------------------------------------------------------------
+    def begin_boundary_backward(self, inv_scale: float) -> None:
+        """Called before the backward of the last micro-batch of an optimizer step."""
+        self._raise_worker_error()
+        self.wait_all()
+        self.inv_scale = inv_scale
+        # Speculate only while it keeps paying: a clipped or skipped step costs a restore and a second
+        # pass, so after one the next step waits for the norm instead (exact either way).
+        self._speculate_now = self.speculate and self._last_committed
+        # Frozen now: the scheduler moves on at the end of finish_step while the worker may still run.
+        self._step_hypers: dict[int, AdamWHyper] = {g: self._hypers(g) for g in self._groups}
+        self._pending = [_Pending() for _ in self.buckets]
+        for ev in self._final:
+            ev.clear()
+
+    @torch.no_grad()
+    def on_grad(self, param: Tensor) -> None:
+        """Post-accumulate-grad hook of every sharded parameter (fires right after its reduce-scatter)."""
+        if not self.boundary:
+            return  # accumulating: FSDP2 keeps summing into the sharded .grad
+        b, i = self._params_of[id(param)]
+        bucket, pend = self.buckets[b], self._pending[b]
+        pend.active.append(bucket.slots[i])
+        pend.grads.append(local_of(param.grad))
+        param.grad = None
+        if len(pend.active) == len(bucket.slots):
+            self._dispatch(b)
+
+    @torch.no_grad()
+    def end_backward(self) -> None:
+        """Dispatch buckets some of whose parameters got no gradient this step."""
+        for b, pend in enumerate(self._pending):
+            if pend.active and not pend.dispatched:
+                self._dispatch(b)
+
+    def _dispatch(self, b: int) -> None:
+        bucket, pend = self.buckets[b], self._pending[b]
+        pend.dispatched = True
+        if not bucket.on_host:
+            for s, g in zip(pend.active, pend.grads):
+                s.grad.copy_(g)
+            pend.sumsq = sum_of_squares([s.grad for s in pend.active])
+            pend.grads = []
+            return
+        if self._cuda:
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._d2h):
+                pend.sumsq = sum_of_squares(pend.grads)
+                for s, g in zip(pend.active, pend.grads):
+                    s.grad.copy_(g, non_blocking=True)
+                host_sumsq = pend.sumsq.to("cpu", non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self._d2h)
+        else:
+            for s, g in zip(pend.active, pend.grads):
+                s.grad.copy_(g)
+            pend.sumsq = sum_of_squares(pend.grads)
+            host_sumsq, ev = pend.sumsq, None
+        grads, pend.grads = pend.grads, []
+        self._tasks.put(("land", b, (ev, grads, host_sumsq)))
+
+    # ---- autograd thread: validation and commit -----------------------------------------------
+    @torch.no_grad()
+    def finish_step(self, max_norm: float) -> StepResult:
+        """Validate the speculative step; commit, redo clipped, or undo; step the GPU tail."""
+        self._raise_worker_error()
+        sums = [p.sumsq.to(self.device) for p in self._pending if p.sumsq is not None]
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._d2h)
+        total = torch.stack(sums).sum() if sums else torch.zeros((), device=self.device)
+        if dist.get_world_size(self._pg) > 1:
+            dist.all_reduce(total, group=self._pg)
+        total_sq = float(total)
+        found_inf = not math.isfinite(total_sq)
+        norm = math.sqrt(total_sq) * self.inv_scale if not found_inf else float("inf")
+        coef = 1.0 if found_inf else clip_coefficient(norm, max_norm)
+        self._last_committed = not found_inf and coef == 1.0
+        # Forward order: the next forward needs the first layers first, so step those first.
+        for b in reversed(range(len(self.buckets))):
+            bucket, pend = self.buckets[b], self._pending[b]
+            if not pend.dispatched:
+                self._final[b].set()
+            elif bucket.on_host:
+                self._tasks.put(("finish", b, (found_inf, coef)))
+            else:
+                if not found_inf:
+                    self._step_slots(pend.active, self.inv_scale, coef)
+                    for s in pend.active:
+                        local_of_param(s).copy_(s.master)
+                self._final[b].set()
+        return StepResult(grad_norm=norm, clip_coef=coef, skipped=found_inf)
+
+    # ---- autograd thread: forward ---------------------------------------------------------------
+    def wait_buckets(self, indices: list[int]) -> None:
+        """Forward pre-hook body: block until these buckets hold their final weights on the device."""
+        if self.in_backward:
+            return  # activation-checkpoint recompute must see the pre-step weights, which it does
+        t0 = time.perf_counter()
+        self._wait(indices)
+        self.wait_seconds += time.perf_counter() - t0
+
+    def _wait(self, indices: list[int]) -> None:
+        for b in indices:
+            self._final[b].wait()
+            self._raise_worker_error()
+            ev = self._upload_ev[b]
+            if ev is not None:
+                ev.synchronize()
+
+    def wait_all(self) -> None:
+        self.wait_buckets(list(range(len(self.buckets))))
+
+    def close(self) -> None:
+        self._tasks.put(None)
+        self._worker.join(timeout=60)
+
+    # ---- worker thread ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _work(self) -> None:
+        if self._cpu_threads > 0:
+            torch.set_num_threads(self._cpu_threads)
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            kind, b, args = task
+            try:
+                if kind == "land":
+                    self._land(b, *args)
+                else:
+                    self._finish(b, *args)
+            except BaseException as exc:  # surfaced on the autograd thread at its next wait
+                self._error = exc
+                for ev in self._final:
+                    ev.set()
+                for p in self._pending:
+                    p.speculated.set()
+
+    def _land(self, b: int, ev, grads: list[Tensor], host_sumsq: Tensor) -> None:
+        pend = self._pending[b]
+        if ev is not None:
+            ev.synchronize()
+        del grads  # device memory may be reused now that the copy has completed
+        if self._speculate_now and math.isfinite(float(host_sumsq)):
+            self._wait_upload(b)
+            take_snapshot(pend.active)
+            self._step_slots(pend.active, self.inv_scale, 1.0)
+            self._upload(b)
+            pend.spec_ok = True
+        pend.speculated.set()
+
+    def _finish(self, b: int, found_inf: bool, coef: float) -> None:
+        pend = self._pending[b]
+        pend.speculated.wait()
+        if pend.spec_ok:
+            if found_inf or coef != 1.0:
+                self._wait_upload(b)
+                restore_snapshot(pend.active)
+                if not found_inf:
+                    # the restored moments see the clipped gradient; the unscale happened in place
+                    self._step_slots(pend.active, 1.0, coef)
+                self._upload(b)
+        elif not found_inf:
+            self._wait_upload(b)
+            self._step_slots(pend.active, self.inv_scale, coef)
+            self._upload(b)
+        self._final[b].set()
+
+    # ---- shared helpers -------------------------------------------------------------------------
+    def _step_slots(self, slots: list[Slot], inv_scale: float, coef: float) -> None:
+        """Unscale, clip (in place, as clip_grad_norm_ does) and AdamW-step the given slots."""
+        grads = [s.grad for s in slots]
+        if inv_scale != 1.0:
+            torch._foreach_mul_(grads, inv_scale)
+        if coef != 1.0:
+            torch._foreach_mul_(grads, coef)
+        by_group: dict[int, list[Slot]] = {}
+        for s in slots:
+            by_group.setdefault(self._group_of_slot(s), []).append(s)
+        for g, ss in by_group.items():
+            adamw_step_([s.master for s in ss], [s.grad for s in ss], [s.exp_avg for s in ss],
+                        [s.exp_avg_sq for s in ss], [s.step for s in ss], self._step_hypers[g])
+
+    def _upload(self, b: int) -> None:
+        slots = self.buckets[b].slots
+        if not self._cuda:
+            for s in slots:
+                local_of_param(s).copy_(s.master)
+            return
+        with torch.cuda.stream(self._h2d):
+            for s in slots:
+                local_of_param(s).copy_(s.master, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._h2d)
+        self._upload_ev[b] = ev
+
+    def _wait_upload(self, b: int) -> None:
+        """The master buffer may be rewritten only once the last copy out of it has completed."""
+        ev = self._upload_ev[b]
+        if ev is not None:
+            ev.synchronize()
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("heavylift CPU optimizer worker failed") from self._error
+
+
+def local_of_param(slot: Slot) -> Tensor:
+    return local_of(slot.device_param)

@@ -1,0 +1,110 @@
+"""The state store: fp32 master weights, Adam moments and gradient slots for each rank's shards.
+
+One flat buffer per bucket and per kind of state, with a per-parameter view into each. Host buckets
+keep the buffers a transfer touches (gradient slot: GPU->host; master: host->GPU) in pinned memory;
+the moments and the speculation snapshot never cross the link and stay pageable. GPU-tail buckets keep
+all their state on the device. Nothing here launches work; ``offload.pipeline`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from heavylift.offload.buckets import BucketSpec, ParamSpec
+
+
+@dataclass
+class Slot:
+    """One parameter shard: its device tensor and its views into the bucket's state buffers."""
+
+    spec: ParamSpec
+    master: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    grad: Tensor
+    step: Tensor  # float32 0-d, on the state's device
+    snap: tuple[Tensor, Tensor, Tensor] | None = None  # master, exp_avg, exp_avg_sq before the step
+    snap_step: float = 0.0
+    device_param: Tensor | None = None  # the FSDP2 sharded parameter; ``local_of`` gives its shard
+
+
+@dataclass
+class BucketState:
+    spec: BucketSpec
+    state_device: torch.device
+    slots: list[Slot] = field(default_factory=list)
+    flats: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def on_host(self) -> bool:
+        return self.state_device.type == "cpu"
+
+    def nbytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k, t in self.flats.items():
+            out[k] = t.numel() * t.element_size()
+        return out
+
+
+def allocate_bucket(
+    spec: BucketSpec,
+    shapes: list[torch.Size],
+    state_device: torch.device,
+    pin: bool,
+    snapshot: bool,
+) -> BucketState:
+    """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard)."""
+    n = spec.numel
+    on_host = state_device.type == "cpu"
+
+    def buf(pinned: bool) -> Tensor:
+        return torch.zeros(n, dtype=torch.float32, device=state_device, pin_memory=pinned and on_host)
+
+    flats = {
+        "master": buf(pin),
+        "exp_avg": buf(False),
+        "exp_avg_sq": buf(False),
+        "grad": buf(pin),
+    }
+    if snapshot and on_host:
+        flats.update(snap_master=buf(False), snap_exp_avg=buf(False), snap_exp_avg_sq=buf(False))
+    bucket = BucketState(spec, state_device, flats=flats)
+    off = 0
+    for p, shape in zip(spec.params, shapes, strict=True):
+
+        def view(key: str) -> Tensor:
+            return flats[key][off: off + p.numel].view(shape)
+
+        snap = (view("snap_master"), view("snap_exp_avg"), view("snap_exp_avg_sq")) if "snap_master" in flats else None
+        bucket.slots.append(Slot(
+            spec=p, master=view("master"), exp_avg=view("exp_avg"),
+            exp_avg_sq=view("exp_avg_sq"), grad=view("grad"), step=torch.zeros((), dtype=torch.float32, device=state_device), snap=snap,
+        ))
+        off += p.numel
+    return bucket
+
+
+def local_of(t: Tensor) -> Tensor:
+    """The rank-local tensor behind an FSDP2 (DTensor) parameter or gradient."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def take_snapshot(slots: list[Slot]) -> None:
+    for s in slots:
+        assert s.snap is not None
+        s.snap[0].copy_(s.master)
+        s.snap[1].copy_(s.exp_avg)
+        s.snap[2].copy_(s.exp_avg_sq)
+        s.snap_step = float(s.step)
+
+
+def restore_snapshot(slots: list[Slot]) -> None:
+    for s in slots:
+        assert s.snap is not None
+        s.master.copy_(s.snap[0])
+        s.exp_avg.copy_(s.snap[1])
+        s.exp_avg_sq.copy_(s.snap[2])
+        s.step.fill_(s.snap_step)

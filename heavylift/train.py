@@ -1,0 +1,80 @@
+"""``heavylift train``: parse, validate, init, build, train, close."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import torch
+from tqdm import tqdm
+
+import heavylift
+from heavylift.config.train import TrainConfig, validate_train
+from heavylift.data import PackedLoader, build_datasets
+from heavylift.metrics import MetricsLog
+from heavylift.models import load_model
+from heavylift.trainer import EvalResult, evaluate, train
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Fine-tune as ``cfg`` says; prints held-out loss before and after; returns (and saves) a summary."""
+    validate_train(cfg)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    say(f"heavylift: loading model {cfg.model!r}")
+    start = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, cfg.tokenizer, seed=cfg.seed)
+    data = build_datasets(tokenizer, cfg.seq_len, cfg.train_data, cfg.eval_data, cfg.data_format,
+                          cfg.eval_fraction, cfg.overlong, cfg.seed)
+    say(f"heavylift: {_describe(model)}; data {_describe_data(data)} ({time.perf_counter() - start:.0f} s)")
+    batch = cfg.engine.batch
+    train_loader = PackedLoader(data.train, batch.micro_batch_size, rank, world, cfg.seed)
+    eval_loader = (PackedLoader(data.eval, batch.micro_batch_size, rank, world, shuffle=False)
+                   if len(data.eval) else None)
+    steps = cfg.max_steps or max(cfg.epochs * train_loader.batches_per_epoch // batch.grad_accum, 1)
+    engine_cfg = cfg.engine
+    if engine_cfg.schedule.total_steps == 0:  # the decaying schedules end with the run
+        schedule = dataclasses.replace(engine_cfg.schedule, total_steps=steps)
+        engine_cfg = dataclasses.replace(engine_cfg, schedule=schedule)
+
+    engine, optimizer, _, _ = heavylift.initialize(model=model, config=engine_cfg)
+    out_dir = pathlib.Path(cfg.out_dir)
+    log = MetricsLog(out_dir, enabled=rank == 0)
+    eval_fn = (lambda: evaluate(engine, eval_loader.one_pass())) if eval_loader else None
+    before = eval_fn() if eval_fn else None
+    say(f"heavylift: held-out before training: {_describe_eval(before)} ({time.perf_counter() - start:.0f} s)")
+    with tqdm(total=steps, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True) as progress:
+        records = train(engine, optimizer, train_loader, steps, batch.grad_accum, log, cfg.log_every,
+                        cfg.eval_every, eval_fn, progress)
+    after = eval_fn() if eval_fn else None
+    say(f"heavylift: held-out after {steps} steps: {_describe_eval(after)} ({time.perf_counter() - start:.0f} s)")
+    summary = {"steps": steps, "final_train_loss": records[-1]["loss"] if records else None,
+               "eval_before": dataclasses.asdict(before) if before else None,
+               "eval_after": dataclasses.asdict(after) if after else None, "loader": train_loader.state_dict()}
+    if rank == 0:
+        log.log(steps, {"eval_loss_before": before.loss, "eval_loss_after": after.loss} if before else {})
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.close()
+    engine.close()
+    return summary
+
+
+def _describe(model: torch.nn.Module) -> str:
+    return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+
+
+def _describe_data(data) -> str:
+    t, e = data.train_stats, data.eval_stats
+    extra = f", {t.truncated + e.truncated} truncated, {t.dropped + e.dropped} dropped" if t.truncated + t.dropped + \
+        e.truncated + e.dropped else ""
+    return f"{t.samples} train / {e.samples} held-out samples in {t.rows} / {e.rows} packed rows{extra}"
+
+
+def _describe_eval(result: EvalResult | None) -> str:
+    if result is None:
+        return "no held-out data"
+    return f"loss {result.loss:.4f}, exact match {result.accuracy:.0%} of {result.samples} samples"

@@ -1,0 +1,106 @@
+"""The training loop and held-out evaluation, against the DeepSpeed-shaped engine API."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from heavylift.data.formats import IGNORE
+from heavylift.metrics import MetricsLog
+
+
+@dataclass
+class EvalResult:
+    loss: float        # mean cross-entropy per response token
+    accuracy: float    # share of samples whose every response token is the argmax (= greedy exact match)
+    tokens: int
+    samples: int
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """[summed loss, loss tokens, exactly-right samples, samples] of one packed batch (pure function).
+
+    A sample is right when the argmax at every response position is the label there: greedy decoding
+    from its prompt would then write exactly the reference answer.
+    """
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    scored = targets != IGNORE
+    wrong = scored & (logits.argmax(-1) != targets)
+    sample = (position_ids == 0).cumsum(1)[:, 1:]  # sample index within each row, aligned with targets
+    sample = sample + torch.arange(len(sample), device=sample.device)[:, None] * (sample.max() + 1)
+    has_target = torch.zeros(int(sample.max()) + 1, dtype=torch.bool, device=sample.device)
+    has_wrong = torch.zeros_like(has_target)
+    has_target[sample[scored]] = True
+    has_wrong[sample[wrong]] = True
+    return torch.tensor([loss.item(), scored.sum().item(), (has_target & ~has_wrong).sum().item(),
+                         has_target.sum().item()], dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(engine, batches: Iterator[dict[str, torch.Tensor]]) -> EvalResult:
+    engine.eval()
+    total = torch.zeros(4, dtype=torch.float64)
+    for batch in batches:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        total += token_stats(logits, batch["labels"], batch["position_ids"])
+    engine.train()
+    total = _sum_over_ranks(total, engine.device)
+    loss, tokens, right, samples = total.tolist()
+    return EvalResult(loss / max(tokens, 1), right / max(samples, 1), int(tokens), int(samples))
+
+
+def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: int, grad_accum: int,
+          log: MetricsLog, log_every: int = 1, eval_every: int = 0, eval_fn=None, progress=None) -> list[dict]:
+    """``steps`` optimizer steps of ``grad_accum`` micro-batches each; returns the logged records."""
+    engine.train()
+    batches, records = iter(loader), []
+    for step in range(1, steps + 1):
+        start, tokens, losses = time.perf_counter(), 0, []
+        lr = optimizer.param_groups[0]["lr"]
+        for _ in range(grad_accum):
+            batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            tokens += batch["input_ids"].numel()
+        if step % log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - start
+            result = engine.last_step
+            # tokens_per_s counts every position the model computed, the padding at row ends included.
+            record = {"loss": _mean_over_ranks(torch.stack(losses).mean(), engine.device), "lr": lr,
+                      "grad_norm": float(result.grad_norm), "skipped": bool(result.skipped),
+                      "tokens_per_s": tokens * _world() / elapsed, "step_time_s": elapsed}
+            log.log(step, record)
+            records.append({"step": step, **record})
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.2f}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+        if eval_fn is not None and eval_every and step % eval_every == 0 and step != steps:
+            log.log(step, {"eval_loss": eval_fn().loss})
+        if progress is not None:
+            progress.update(1)
+    return records
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """All-reduce on the engine's device (NCCL takes only CUDA tensors); returns a CPU tensor."""
+    if _world() > 1:
+        t = t.to(device)
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def _mean_over_ranks(t: torch.Tensor, device: torch.device) -> float:
+    return float(_sum_over_ranks(t.detach().double().reshape(1), device).item() / _world())

@@ -1,0 +1,54 @@
+"""The same equivalence suite on 2 ranks: two gloo processes, each training on its own batch."""
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch.multiprocessing as mp
+
+from support.equivalence import CASES
+from support.tolerance import check
+
+pytestmark = pytest.mark.dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str) -> None:
+    sys.path.insert(0, tests_dir)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    from support.equivalence import CASES, run_case
+
+    results = {c.name: run_case(c) for c in CASES}
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "results.json"
+    tests_dir = os.path.dirname(os.path.dirname(__file__))
+    mp.spawn(_worker, args=(2, _free_port(), str(out), tests_dir), nprocs=2, join=True)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_two_ranks_match_torch_adamw(case, two_rank_results):
+    result = two_rank_results[case.name]
+    check(result, case.steps, case.lr)
+    if case.unused_param:
+        assert result["untouched_equal"]
+    if case.nan_step >= 0:
+        assert result["skipped"][case.nan_step] == [True, True]
+        assert result["skip_bit_identical"]

@@ -1,0 +1,61 @@
+"""`heavylift train` end to end on the tiny preset, config precedence, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from heavylift.cli import main, train_config
+
+
+def test_train_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "tiny", "--max_steps", "4", "--seq_len", "256", "--out_dir", str(out),
+               "--engine.optim.lr", "1e-3", "--engine.precision.dtype", "fp32"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "held-out before training: loss" in printed and "held-out after 4 steps: loss" in printed
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in steps] == [1, 2, 3, 4]
+    assert all({"lr", "grad_norm", "tokens_per_s"} <= l.keys() for l in steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_config_precedence(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: tiny\nseq_len: 64\nengine:\n  optim:\n    lr: 0.002\n")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3,
+                              "bf16": {"enabled": True},
+                              "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                              "optimizer": {"type": "AdamW", "params": {"lr": 5e-5}}}))
+    cfg = train_config(str(tmp_path / "run.yaml"), str(ds), ["--seq_len", "128"])
+    assert (cfg.model, cfg.seq_len, cfg.engine.optim.lr) == ("tiny", 128, 0.002)
+    assert (cfg.engine.batch.micro_batch_size, cfg.engine.batch.grad_accum) == (2, 3)
+    cfg = train_config(None, None, ["--engine.optim.lr", "3e-5"])
+    assert cfg.engine.optim.lr == 3e-5 and cfg.engine.schedule.kind == "warmup_cosine"  # other defaults kept
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nope", "1"], "config key 'nope'"),
+    (["--seq_len", "4"], "config key 'seq_len' = 4"),
+    (["--engine.optim.lr", "-1"], "config key 'engine.optim.lr'"),
+    (["--model", "no-such-model"], "neither 'default', a preset"),
+    (["--model", "tiny", "--train_data", "/no/such.jsonl"], "does not exist"),
+])
+def test_user_errors_are_one_line_exit_2(args, message, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("heavylift: error: ") and message in err and err.count("\n") == 1
+
+
+def test_python_m_heavylift_exit_code(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    r = subprocess.run([sys.executable, "-m", "heavylift", "train", "--model", "tiny", "--train_data", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"heavylift: error: {bad}:2: not valid JSON (Expecting value at column 1)"]
