@@ -87,8 +87,12 @@ class Engine:
         self.last_step: StepResult | None = None
 
         blocks = find_blocks(model)
-        if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.activation_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if hasattr(model, "config"):
                 model.config.use_cache = False
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
