@@ -118,10 +118,9 @@ class Engine:
         values = dict(named)
         self.buckets: list[BucketState] = []
         for spec in specs:
-            state_device = torch.device("cpu") if spec.index < first_tail else self.device
-            bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], state_device,
+            bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
                                      pin=cfg.offload.pin_memory and torch.cuda.is_available(),
-                                     snapshot=cfg.offload.speculate)
+                                     snapshot=cfg.offload.speculate, tail=spec.index >= first_tail)
             with torch.no_grad():
                 for slot in bucket.slots:
                     full = values[slot.spec.name].detach()

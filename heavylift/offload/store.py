@@ -35,12 +35,13 @@ class Slot:
 class BucketState:
     spec: BucketSpec
     state_device: torch.device
+    tail: bool = False  # GPU tail: state on the compute device, stepped there after validation
     slots: list[Slot] = field(default_factory=list)
     flats: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def on_host(self) -> bool:
-        return self.state_device.type == "cpu"
+        return not self.tail
 
     def nbytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -55,10 +56,16 @@ def allocate_bucket(
     state_device: torch.device,
     pin: bool,
     snapshot: bool,
+    tail: bool = False,
 ) -> BucketState:
-    """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard)."""
+    """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard).
+
+    A tail bucket lives on ``state_device`` (the compute device; the CPU in CPU-only runs and tests);
+    a host bucket on the CPU, its transfer buffers pinned when ``pin``."""
     n = spec.numel
-    on_host = state_device.type == "cpu"
+    on_host = not tail
+    if on_host:
+        state_device = torch.device("cpu")
 
     def buf(pinned: bool) -> Tensor:
         return torch.zeros(n, dtype=torch.float32, device=state_device, pin_memory=pinned and on_host)
@@ -71,7 +78,7 @@ def allocate_bucket(
     }
     if snapshot and on_host:
         flats.update(snap_master=buf(False), snap_exp_avg=buf(False), snap_exp_avg_sq=buf(False))
-    bucket = BucketState(spec, state_device, flats=flats)
+    bucket = BucketState(spec, state_device, tail=tail, flats=flats)
     off = 0
     for p, shape in zip(spec.params, shapes, strict=True):
 
