@@ -22,7 +22,8 @@ from heavylift.dist.env import DistEnv, init_dist
 from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory
-from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of
+from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail
+from heavylift.offload.tail import buckets_to_move, tail_budget_params
 from heavylift.optim.adamw import AdamWHyper
 from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
@@ -166,6 +167,7 @@ class Engine:
             idx = unit_buckets.get(u, [])
             module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
         self.first_tail = first_tail
+        self._auto_tail = cfg.offload.ratio is None and self.device.type == "cuda"
 
     # ---- planning ---------------------------------------------------------------------------------
     def _auto_ratio(self, specs: list[BucketSpec]) -> float:
@@ -244,7 +246,29 @@ class Engine:
         else:
             self.lr_scheduler.step()
         self.last_step = result
+        if self._auto_tail and not result.skipped:
+            self._auto_tail = False
+            peak = torch.cuda.max_memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            self.grow_tail(buckets_to_move([b.spec.numel for b in self.buckets[: self.first_tail]],
+                                           tail_budget_params(total, peak)))
         return result
+
+    def grow_tail(self, n: int) -> None:
+        """Move the ``n`` last-arriving host buckets to the GPU tail (state copied exactly)."""
+        if n <= 0:
+            return
+        self.pipeline.wait_all()
+        new_first = self.first_tail - n
+        for b in range(new_first, self.first_tail):
+            moved = migrate_to_tail(self.buckets[b], self.device)
+            self.buckets[b] = moved  # the pipeline shares this list
+            for slot in moved.slots:
+                st = self.optimizer.state[slot.device_param]
+                st.update(step=slot.step, exp_avg=slot.exp_avg, exp_avg_sq=slot.exp_avg_sq, master=slot.master)
+        log.info("GPU tail grown to %d of %d buckets from the measured peak", len(self.buckets) - new_first,
+                 len(self.buckets))
+        self.first_tail = new_first
 
     # ---- reading the fp32 master weights --------------------------------------------------------------
     @torch.no_grad()

@@ -115,3 +115,20 @@ def restore_snapshot(slots: list[Slot]) -> None:
         s.exp_avg.copy_(s.snap[1])
         s.exp_avg_sq.copy_(s.snap[2])
         s.step.fill_(s.snap_step)
+
+
+@torch.no_grad()
+def migrate_to_tail(bucket: BucketState, device: torch.device) -> BucketState:
+    """A copy of a host bucket whose state lives on ``device`` and steps there (the GPU tail).
+
+    Master, moments and step counts are copied exactly; the speculation snapshot is not needed on the
+    tail (it steps after validation). The caller drops the host bucket, releasing its memory."""
+    shapes = [s.master.shape for s in bucket.slots]
+    moved = allocate_bucket(bucket.spec, shapes, device, pin=False, snapshot=False, tail=True)
+    for old, new in zip(bucket.slots, moved.slots, strict=True):
+        new.master.copy_(old.master)
+        new.exp_avg.copy_(old.exp_avg)
+        new.exp_avg_sq.copy_(old.exp_avg_sq)
+        new.step.copy_(old.step)
+        new.device_param = old.device_param
+    return moved

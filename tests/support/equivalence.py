@@ -38,6 +38,7 @@ class Case:
     activation_checkpointing: bool = False
     lr: float = 3e-3
     bucket_params: int = 200_000_000
+    grow_tail_at: int = -1  # before this optimizer step, move 2 host buckets to the tail
     extra: dict = field(default_factory=dict)
 
 
@@ -110,6 +111,8 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
     norms, skipped, state_before, state_after_skip = [], [], None, None
     for step in range(case.steps):
         flag["on"] = step == case.nan_step
+        if step == case.grow_tail_at:
+            engine.grow_tail(2)
         if step == case.nan_step:
             state_before = snapshot_state(engine)
         for micro in range(case.grad_accum):
@@ -206,5 +209,6 @@ CASES = [
     Case("nan_skip", max_norm=1.0, nan_step=7, steps=14),
     Case("gpu_tail_ratio", max_norm=1.0, ratio=0.5, weight_decay=0.1),
     Case("no_speculation", max_norm=1.0, speculate=False, nan_step=5, steps=12),
+    Case("tail_grows_mid_run", max_norm=1.0, weight_decay=0.1, grow_tail_at=5, steps=12),
     Case("small_buckets_ac", max_norm=1.0, bucket_params=3000, activation_checkpointing=True, nan_step=6, steps=12),
 ]
