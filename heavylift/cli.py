@@ -1,6 +1,7 @@
 """The ``heavylift`` command. User mistakes print one line (no traceback) and exit with status 2.
 
     heavylift train [--config run.yaml|run.toml] [--deepspeed ds.json] [--dotted.key value ...]
+    heavylift report RUN_DIR     (plots RUN_DIR/metrics.jsonl into loss.png and throughput.png there)
 
 Precedence, lowest first: built-in defaults (the embedded default run), the DeepSpeed JSON (replaces the
 engine section), the config file, the command-line overrides.
@@ -23,9 +24,17 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="any other --dotted.key value sets that config key, e.g. --engine.optim.lr 3e-5")
     train.add_argument("--config", help="YAML or TOML file with TrainConfig keys")
     train.add_argument("--deepspeed", help="DeepSpeed JSON config to import as the engine section")
+    report = commands.add_parser("report", help="plot a run's metrics.jsonl into PNGs in its directory")
+    report.add_argument("run_dir", help="the out_dir of a `heavylift train` run")
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "report" and overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
-        if args.command == "train":
+        if args.command == "report":
+            from heavylift.report import report as write_report
+            for path in write_report(args.run_dir):
+                print(f"heavylift: wrote {path}")
+        elif args.command == "train":
             _quiet_transformers()
             from heavylift.train import run
             run(train_config(args.config, args.deepspeed, overrides))

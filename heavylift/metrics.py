@@ -37,3 +37,64 @@ class MetricsLog:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s per GPU, no sparsity), matched as substrings of the device name.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def peak_tflops_for(device_name: str | None) -> float | None:
+    """The table's bf16 dense peak for a CUDA device name (``torch.cuda.get_device_name``), or None."""
+    for key, peak in PEAK_TFLOPS.items():
+        if device_name and key in device_name.upper():
+            return peak
+    return None
+
+
+def flops_metrics(tokens_per_s_per_gpu: float, n_params: int, n_layers: int, hidden: int, seq_len: int,
+                  peak_tflops: float | None = None, recompute: bool = False) -> dict[str, float]:
+    """Model TFLOP/s per GPU, hardware TFLOP/s per GPU and MFU (pure function; the PaLM appendix B counting).
+
+    Model FLOPs per token (forward + backward = 3 x forward, causal attention counted in full, activation
+    recompute not counted):
+
+        model_flops = 6*N + 12*L*h*s
+
+    with N the matmul parameters (the input embedding lookup does no FLOPs), L layers, h the hidden size and
+    s the sequence (row) length. With activation recompute the hardware does one more forward per token:
+
+        hardware_flops = 8*N + 16*L*h*s      (= model_flops without recompute)
+
+    ``tflops`` = model_flops * tokens/s per GPU / 1e12, ``hfu_tflops`` likewise with hardware_flops, and
+    ``mfu`` = tflops / peak_tflops, present only when a peak is known (none on CPU).
+    """
+    model = 6 * n_params + 12 * n_layers * hidden * seq_len
+    hardware = 8 * n_params + 16 * n_layers * hidden * seq_len if recompute else model
+    out = {"tflops": model * tokens_per_s_per_gpu / 1e12, "hfu_tflops": hardware * tokens_per_s_per_gpu / 1e12}
+    if peak_tflops:
+        out["mfu"] = out["tflops"] / peak_tflops
+    return out
+
+
+def host_rss_bytes() -> int:
+    """Resident set size of this process now (VmRSS in /proc/self/status), else its peak (ru_maxrss)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def pinned_bytes(buckets) -> int:
+    """Bytes of page-locked host optimizer state: the pinned flat buffers of the host buckets (0 without CUDA)."""
+    import torch
+    if not torch.cuda.is_available():
+        return 0
+    return sum(t.numel() * t.element_size() for b in buckets for t in b.flats.values()
+               if t.device.type == "cpu" and t.is_pinned())

@@ -14,7 +14,7 @@ from tqdm import tqdm
 import heavylift
 from heavylift.config.train import TrainConfig, validate_train
 from heavylift.data import PackedLoader, build_datasets
-from heavylift.metrics import MetricsLog
+from heavylift.metrics import MetricsLog, peak_tflops_for
 from heavylift.models import load_model
 from heavylift.trainer import EvalResult, evaluate, train
 
@@ -49,7 +49,7 @@ def run(cfg: TrainConfig) -> dict:
     say(f"heavylift: held-out before training: {_describe_eval(before)} ({time.perf_counter() - start:.0f} s)")
     with tqdm(total=steps, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True) as progress:
         records = train(engine, optimizer, train_loader, steps, batch.grad_accum, log, cfg.log_every,
-                        cfg.eval_every, eval_fn, progress)
+                        cfg.eval_every, eval_fn, progress, _peak_tflops(cfg, engine.device))
     after = eval_fn() if eval_fn else None
     say(f"heavylift: held-out after {steps} steps: {_describe_eval(after)} ({time.perf_counter() - start:.0f} s)")
     summary = {"steps": steps, "final_train_loss": records[-1]["loss"] if records else None,
@@ -61,6 +61,13 @@ def run(cfg: TrainConfig) -> dict:
     log.close()
     engine.close()
     return summary
+
+
+def _peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
+    """The configured per-GPU peak, else the table's for this GPU, else None (no MFU; always on CPU)."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    return peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def _describe(model: torch.nn.Module) -> str:

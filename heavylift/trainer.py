@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from heavylift.data.formats import IGNORE
-from heavylift.metrics import MetricsLog
+from heavylift.metrics import MetricsLog, flops_metrics, host_rss_bytes, pinned_bytes
 
 
 @dataclass
@@ -57,12 +57,21 @@ def evaluate(engine, batches: Iterator[dict[str, torch.Tensor]]) -> EvalResult:
 
 
 def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: int, grad_accum: int,
-          log: MetricsLog, log_every: int = 1, eval_every: int = 0, eval_fn=None, progress=None) -> list[dict]:
-    """``steps`` optimizer steps of ``grad_accum`` micro-batches each; returns the logged records."""
+          log: MetricsLog, log_every: int = 1, eval_every: int = 0, eval_fn=None, progress=None,
+          peak_tflops: float | None = None) -> list[dict]:
+    """``steps`` optimizer steps of ``grad_accum`` micro-batches each; returns the logged records.
+
+    ``peak_tflops`` (per GPU) turns the logged model TFLOP/s into an MFU; see ``metrics.flops_metrics``.
+    """
     engine.train()
     batches, records = iter(loader), []
+    shape = _model_shape(getattr(engine, "module", None))
+    pinned = pinned_bytes(getattr(engine, "buckets", []))
+    pipeline = getattr(engine, "pipeline", None)
+    cuda = engine.device.type == "cuda"
     for step in range(1, steps + 1):
         start, tokens, losses = time.perf_counter(), 0, []
+        wait0 = pipeline.wait_seconds if pipeline is not None else 0.0
         lr = optimizer.param_groups[0]["lr"]
         for _ in range(grad_accum):
             batch = {k: v.to(engine.device) for k, v in next(batches).items()}
@@ -78,6 +87,16 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
             record = {"loss": _mean_over_ranks(torch.stack(losses).mean(), engine.device), "lr": lr,
                       "grad_norm": float(result.grad_norm), "skipped": bool(result.skipped),
                       "tokens_per_s": tokens * _world() / elapsed, "step_time_s": elapsed}
+            if shape is not None:
+                recompute = bool(getattr(getattr(engine, "config", None), "activation_checkpointing", False))
+                record.update(flops_metrics(tokens / elapsed, *shape, batch["input_ids"].shape[1],
+                                            peak_tflops, recompute))
+            if cuda:
+                record["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+            record["host_rss_gib"] = host_rss_bytes() / 2**30
+            record["pinned_gib"] = pinned / 2**30
+            if pipeline is not None:  # forward time blocked on the overlapped CPU optimizer, this step
+                record["optim_wait_s"] = pipeline.wait_seconds - wait0
             log.log(step, record)
             records.append({"step": step, **record})
             if progress is not None:
@@ -88,6 +107,25 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
         if progress is not None:
             progress.update(1)
     return records
+
+
+def _model_shape(model) -> tuple[int, int, int] | None:
+    """(matmul parameters N, layers L, hidden size h) of a Hugging Face model, or None if it has no such config.
+
+    N leaves out the input embedding table (a lookup) unless it is tied to the output head (a matmul).
+    """
+    config = getattr(model, "config", None)
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    if not layers or not hidden:
+        return None
+    n = sum(p.numel() for p in model.parameters())
+    try:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if embed is not None and (head is None or head.weight is not embed.weight):
+            n -= embed.weight.numel()
+    except (AttributeError, NotImplementedError):
+        pass
+    return n, layers, hidden
 
 
 def _world() -> int:

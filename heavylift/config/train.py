@@ -39,6 +39,8 @@ class TrainConfig:
     # Evaluate every this many steps (0: only before and after training).
     eval_every: int = 0
     log_every: int = 1
+    # Per-GPU peak TFLOP/s for the logged MFU; null: the built-in table (H100/H200 bf16 dense), none on CPU.
+    peak_tflops: float | None = None
     out_dir: str = "runs/default"
     # Data order and preset initialisation (the engine has its own engine.seed).
     seed: int = 0
@@ -57,6 +59,8 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "an integer >= 1")
     _check(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "0 (before and after only) or an integer >= 1")
     _check(cfg.log_every >= 1, "log_every", cfg.log_every, "an integer >= 1")
+    _check(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", cfg.peak_tflops,
+           "null (the built-in table) or a number > 0")
     _check(bool(cfg.out_dir), "out_dir", cfg.out_dir, "a directory path")
     try:
         validate(cfg.engine)

@@ -19,10 +19,19 @@ def test_train_tiny_end_to_end(tmp_path, capsys):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if "loss" in l]
     assert [l["step"] for l in steps] == [1, 2, 3, 4]
-    assert all({"lr", "grad_norm", "tokens_per_s"} <= l.keys() for l in steps)
+    assert all({"lr", "grad_norm", "tokens_per_s", "tflops", "hfu_tflops", "host_rss_gib", "pinned_gib",
+                "optim_wait_s"} <= l.keys() for l in steps)
+    assert all(l["tflops"] > 0 and l["host_rss_gib"] > 0 and l["optim_wait_s"] >= 0 for l in steps)
+    assert not any("mfu" in l or "gpu_peak_mem_gib" in l for l in steps)  # CPU: no peak known, no GPU memory
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
     assert any((out / "tensorboard").iterdir())
+
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("loss.png", "throughput.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {out / name}" in printed
 
 
 def test_config_precedence(tmp_path):

@@ -82,3 +82,17 @@ def test_pinned_limit_error_names_the_fix(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
     with pytest.raises(HeavyliftError, match="ulimit -l"):
         pf.check_host_memory(host_bytes=10, pinned_bytes=1 << 30, pin=True)
+
+
+def test_speculation_snapshot_dropped_when_it_does_not_fit(monkeypatch):
+    import heavylift.engine as eng
+    import heavylift.offload.preflight as pf
+
+    n = sum(p.numel() for p in tiny_model().parameters())
+    avail = n * 20  # room for the 16 B/param state, not for the 12 B/param snapshot on top
+    monkeypatch.setattr(pf, "mem_available_bytes", lambda: avail)
+    monkeypatch.setattr(eng, "mem_available_bytes", lambda: avail)
+    engine = heavylift.initialize(model=tiny_model(), config=EngineConfig())[0]
+    assert not engine.pipeline.speculate
+    assert all("snap_master" not in b.flats for b in engine.buckets)
+    engine.close()
