@@ -29,7 +29,8 @@ from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
 from heavylift.optim.schedule import build_scheduler
 from heavylift.shard.fsdp import apply_fsdp, find_blocks
-from heavylift.shard.layout import local_shape, local_shard
+from heavylift.shard.layout import local_shape
+from heavylift.shard.values import MaterializedValues, MetaInitValues, init_buffers, is_meta
 
 log = logging.getLogger("heavylift")
 
@@ -115,8 +116,11 @@ class Engine:
         first_tail = split_tail(specs, ratio)
         speculate = self._preflight(specs[:first_tail])
 
-        # Host state first, from the caller's full-precision values; then cast and shard the model.
-        values = dict(named)
+        # Host state first, from the caller's values (or drawn unit by unit for a meta model); then
+        # cast and shard the model.
+        meta = is_meta(model)
+        values = (MetaInitValues(model, rank, world, cfg.seed, blocks) if meta
+                  else MaterializedValues(model, rank, world))
         self.buckets: list[BucketState] = []
         for spec in specs:
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
@@ -124,12 +128,14 @@ class Engine:
                                      snapshot=speculate, tail=spec.index >= first_tail)
             with torch.no_grad():
                 for slot in bucket.slots:
-                    full = values[slot.spec.name].detach()
-                    slot.master.copy_(local_shard(full, rank, world).reshape(slot.master.shape))
+                    slot.master.copy_(values.shard(slot.spec.name).reshape(slot.master.shape))
             self.buckets.append(bucket)
-        del values
+        values.close()
         model.to(dtype=self.dtype)
         apply_fsdp(model, blocks, self.env.mesh, reduce_dtype=torch.float32)
+        if meta:
+            model.to_empty(device=self.device)
+            init_buffers(model, self.device)
         self.module = model
 
         sharded = dict(model.named_parameters())
@@ -142,6 +148,9 @@ class Engine:
                     raise AssertionError(f"shard layout mismatch for {slot.spec.name}: FSDP2 "
                                          f"{tuple(local_of(p).shape)} vs planned {tuple(slot.master.shape)}")
                 slot.device_param = p
+                if meta:
+                    with torch.no_grad():
+                        local_of(p).copy_(slot.master)
                 slot_of[id(p)] = slot
                 params_of[id(p)] = (b, i)
         groups = [

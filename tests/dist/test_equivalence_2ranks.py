@@ -30,7 +30,11 @@ def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str) -> 
     from support.equivalence import CASES, run_case
 
     results = {c.name: run_case(c) for c in CASES}
+    from unit.test_meta_init import init_masters  # noqa: E402
+
+    masters = init_masters()
     if rank == 0:
+        torch.save(masters, out_path + ".meta.pt")
         with open(out_path, "w") as f:
             json.dump(results, f)
 
@@ -40,7 +44,20 @@ def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.json"
     tests_dir = os.path.dirname(os.path.dirname(__file__))
     mp.spawn(_worker, args=(2, _free_port(), str(out), tests_dir), nprocs=2, join=True)
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    results["_meta_path"] = str(out) + ".meta.pt"
+    return results
+
+
+def test_meta_init_shards_do_not_depend_on_world_size(two_rank_results, tmp_path_factory):
+    """Two ranks drawing a meta model's values give bit-identical full weights to one rank."""
+    import torch
+
+    from unit.test_meta_init import init_masters
+
+    two = torch.load(two_rank_results["_meta_path"])
+    one = init_masters()
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
