@@ -30,21 +30,26 @@ from heavylift.optim.optimizer import OffloadedAdamW
 from heavylift.optim.schedule import build_scheduler
 from heavylift.shard.fsdp import apply_fsdp, find_blocks
 from heavylift.shard.layout import local_shape
-from heavylift.shard.values import MaterializedValues, MetaInitValues, init_buffers, is_meta
+from heavylift.shard.values import (MaterializedValues, MetaInitValues, SafetensorsValues, init_buffers,
+                                    is_meta)
 
 log = logging.getLogger("heavylift")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def initialize(model: nn.Module, config: EngineConfig | dict | str | None = None, **_ignored: Any):
-    """Shard ``model`` (on CPU, any dtype; its values become the fp32 master weights) and build the engine.
+def initialize(model: nn.Module, config: EngineConfig | dict | str | None = None, weights: str | None = None,
+               **_ignored: Any):
+    """Shard ``model`` and build the engine; returns ``(engine, optimizer, None, lr_scheduler)`` like
+    ``deepspeed.initialize``.
 
-    ``config`` is an :class:`EngineConfig`, or a DeepSpeed config (dict or JSON path). Returns
-    ``(engine, optimizer, None, lr_scheduler)`` like ``deepspeed.initialize``.
+    The initial fp32 master weights come from ``weights`` (a safetensors checkpoint directory, read
+    shard by shard) if given, else from the model's values on the CPU, else (a ``meta`` model) from its
+    own initialiser, one unit at a time. ``config`` is an :class:`EngineConfig` or a DeepSpeed config
+    (dict or JSON path).
     """
     cfg = _coerce_config(config)
-    engine = Engine(model, cfg)
+    engine = Engine(model, cfg, weights)
     return engine, engine.optimizer, None, engine.lr_scheduler
 
 
@@ -77,7 +82,7 @@ def _is_no_decay(name: str, p: torch.Tensor, patterns: tuple[str, ...]) -> bool:
 class Engine:
     """Owns the sharded model, the state store, the pipeline and the step counters of one rank."""
 
-    def __init__(self, model: nn.Module, cfg: EngineConfig):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, weights: str | None = None):
         self.config = cfg
         self.env: DistEnv = init_dist()
         self.device = self.env.device
@@ -119,8 +124,12 @@ class Engine:
         # Host state first, from the caller's values (or drawn unit by unit for a meta model); then
         # cast and shard the model.
         meta = is_meta(model)
-        values = (MetaInitValues(model, rank, world, cfg.seed, blocks) if meta
-                  else MaterializedValues(model, rank, world))
+        if weights is not None:
+            values = SafetensorsValues(weights, rank, world)
+        elif meta:
+            values = MetaInitValues(model, rank, world, cfg.seed, blocks)
+        else:
+            values = MaterializedValues(model, rank, world)
         self.buckets: list[BucketState] = []
         for spec in specs:
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
@@ -148,7 +157,7 @@ class Engine:
                     raise AssertionError(f"shard layout mismatch for {slot.spec.name}: FSDP2 "
                                          f"{tuple(local_of(p).shape)} vs planned {tuple(slot.master.shape)}")
                 slot.device_param = p
-                if meta:
+                if meta or weights is not None:
                     with torch.no_grad():
                         local_of(p).copy_(slot.master)
                 slot_of[id(p)] = slot

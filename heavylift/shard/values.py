@@ -97,3 +97,51 @@ def init_buffers(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         if list(module.buffers(recurse=False)) and not list(module.parameters(recurse=False)) and init:
             init(module)
+
+
+class SafetensorsValues:
+    """Values read from a Hugging Face safetensors checkpoint, only this rank's rows of each tensor
+    (``get_slice``), so a model larger than host RAM never has to be loaded whole."""
+
+    def __init__(self, directory: str, rank: int, world: int):
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        from heavylift.config.errors import HeavyliftError
+
+        self._rank, self._world = rank, world
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(single):
+            with safe_open(single, framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise HeavyliftError(f"{directory}: no model.safetensors or model.safetensors.index.json: "
+                                 "point to a directory written by save_pretrained(safe_serialization=True)")
+        self._files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+        self._open: dict[str, object] = {}
+        self._safe_open = safe_open
+        self._missing_error = HeavyliftError
+
+    def shard(self, name: str) -> torch.Tensor:
+        from heavylift.shard.layout import shard_row_range
+
+        path = self._files.get(name)
+        if path is None:
+            raise self._missing_error(f"checkpoint has no tensor '{name}' that the model needs")
+        if path not in self._open:
+            self._open[path] = self._safe_open(path, framework="pt")
+        sl = self._open[path].get_slice(name)
+        shape = sl.get_shape()
+        if not shape:
+            return local_shard(sl[...], self._rank, self._world).float()
+        start, stop = shard_row_range(shape[0], self._rank, self._world)
+        return sl[start:stop].float()
+
+    def close(self) -> None:
+        self._open.clear()

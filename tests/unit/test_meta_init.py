@@ -49,3 +49,27 @@ def test_meta_model_initialises_like_hf_and_runs():
 def test_meta_init_is_deterministic():
     a, b = init_masters(), init_masters()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_streamed_from_safetensors_shard_by_shard(tmp_path):
+    torch.manual_seed(3)
+    real = LlamaForCausalLM(meta_model().config)
+    real.save_pretrained(tmp_path, safe_serialization=True)
+    engine = heavylift.initialize(model=meta_model(), config=fp32_config(), weights=str(tmp_path))[0]
+    masters = engine.master_weights()
+    expected = dict(real.named_parameters())
+    assert masters.keys() == expected.keys()
+    assert all(torch.equal(masters[k], expected[k].detach()) for k in masters)
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(engine(input_ids=ids).logits, real(input_ids=ids).logits, atol=1e-5)
+    engine.close()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    import pytest
+
+    from heavylift.config import HeavyliftError
+
+    with pytest.raises(HeavyliftError, match="no model.safetensors"):
+        heavylift.initialize(model=meta_model(), config=fp32_config(), weights=str(tmp_path))
