@@ -2,6 +2,7 @@
 
     heavylift train [--config run.yaml|run.toml] [--deepspeed ds.json] [--dotted.key value ...]
     heavylift report RUN_DIR     (plots RUN_DIR/metrics.jsonl into loss.png and throughput.png there)
+    heavylift estimate --model PRESET|DIR [--gpus N] ...   (memory per tier, fits or not, step-time floor)
 
 Precedence, lowest first: built-in defaults (the embedded default run), the DeepSpeed JSON (replaces the
 engine section), the config file, the command-line overrides.
@@ -26,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--deepspeed", help="DeepSpeed JSON config to import as the engine section")
     report = commands.add_parser("report", help="plot a run's metrics.jsonl into PNGs in its directory")
     report.add_argument("run_dir", help="the out_dir of a `heavylift train` run")
+    commands.add_parser("estimate", add_help=False, help="bytes per tier per rank, whether it fits, the step-time "
+                        "floor (heavylift estimate --help)")
     args, overrides = parser.parse_known_args(argv)
     if args.command == "report" and overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
+        if args.command == "estimate":
+            from heavylift.estimate_cli import run as run_estimate
+            return run_estimate(overrides)
         if args.command == "report":
             from heavylift.report import report as write_report
             for path in write_report(args.run_dir):

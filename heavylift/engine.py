@@ -119,7 +119,8 @@ class Engine:
         specs = plan_buckets(units, cfg.offload.bucket_params)
         ratio = cfg.offload.ratio if cfg.offload.ratio is not None else self._auto_ratio(specs)
         first_tail = split_tail(specs, ratio)
-        speculate = self._preflight(specs[:first_tail])
+        native = self._native_kernel() if cfg.offload.kernel != "torch" else None
+        speculate = self._preflight(specs[:first_tail], double_buffer=native is not None)
 
         # Host state first, from the caller's values (or drawn unit by unit for a meta model); then
         # cast and shard the model.
@@ -134,7 +135,8 @@ class Engine:
         for spec in specs:
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
                                      pin=cfg.offload.pin_memory and torch.cuda.is_available(),
-                                     snapshot=speculate, tail=spec.index >= first_tail)
+                                     snapshot=speculate and native is None, tail=spec.index >= first_tail,
+                                     double_buffer=speculate and native is not None)
             with torch.no_grad():
                 for slot in bucket.slots:
                     slot.master.copy_(values.shard(slot.spec.name).reshape(slot.master.shape))
@@ -171,7 +173,7 @@ class Engine:
         groups = [groups[g] for g in self._group_index]
         self.pipeline = OffloadPipeline(
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
-            dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(),
+            dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step)
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
@@ -199,7 +201,17 @@ class Engine:
         budget = torch.cuda.get_device_properties(self.device).total_memory * 0.10 / 16
         return 1.0 - (tail / total if tail <= budget else 0.0)
 
-    def _preflight(self, host_specs: list[BucketSpec]) -> bool:
+    def _native_kernel(self):
+        from heavylift.config.errors import HeavyliftError
+        from heavylift.optim import native
+
+        module = native.load()
+        if module is None and self.config.offload.kernel == "native":
+            raise HeavyliftError(f"offload.kernel 'native' could not be built ({native.failure()}): install a C++ "
+                                 "compiler and ninja, or set offload.kernel: torch")
+        return module
+
+    def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False) -> bool:
         """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
         (12 more bytes/param; without it CPU buckets step after backward: slower, same results)."""
         n = sum(s.numel for s in host_specs)
@@ -212,7 +224,8 @@ class Engine:
                 if self.env.is_main:
                     log.warning("offload.speculate turned off: its snapshot (%.1f GiB) does not fit beside the "
                                 "state in host RAM (%.1f GiB available)", n * 12 / 2**30, avail / 2**30)
-        check_host_memory(n * (28 if speculate else 16), n * 8, pin)
+        pinned = n * (12 if speculate and double_buffer else 8)  # gradient slot + master (+ back master)
+        check_host_memory(n * (28 if speculate else 16), pinned, pin)
         return speculate
 
     # ---- hyper-parameters as the scheduler left them ------------------------------------------------

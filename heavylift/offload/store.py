@@ -27,6 +27,7 @@ class Slot:
     grad: Tensor
     step: Tensor  # float32 0-d, on the state's device
     snap: tuple[Tensor, Tensor, Tensor] | None = None  # master, exp_avg, exp_avg_sq before the step
+    back: tuple[Tensor, Tensor, Tensor] | None = None  # double buffer: where the next step writes
     snap_step: float = 0.0
     device_param: Tensor | None = None  # the FSDP2 sharded parameter; ``local_of`` gives its shard
 
@@ -57,6 +58,7 @@ def allocate_bucket(
     pin: bool,
     snapshot: bool,
     tail: bool = False,
+    double_buffer: bool = False,
 ) -> BucketState:
     """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard).
 
@@ -78,6 +80,8 @@ def allocate_bucket(
     }
     if snapshot and on_host:
         flats.update(snap_master=buf(False), snap_exp_avg=buf(False), snap_exp_avg_sq=buf(False))
+    if double_buffer and on_host:
+        flats.update(master_b=buf(pin), exp_avg_b=buf(False), exp_avg_sq_b=buf(False))
     bucket = BucketState(spec, state_device, tail=tail, flats=flats)
     off = 0
     for p, shape in zip(spec.params, shapes, strict=True):
@@ -86,9 +90,10 @@ def allocate_bucket(
             return flats[key][off: off + p.numel].view(shape)
 
         snap = (view("snap_master"), view("snap_exp_avg"), view("snap_exp_avg_sq")) if "snap_master" in flats else None
+        back = (view("master_b"), view("exp_avg_b"), view("exp_avg_sq_b")) if "master_b" in flats else None
         bucket.slots.append(Slot(
             spec=p, master=view("master"), exp_avg=view("exp_avg"),
-            exp_avg_sq=view("exp_avg_sq"), grad=view("grad"), step=torch.zeros((), dtype=torch.float32, device=state_device), snap=snap,
+            exp_avg_sq=view("exp_avg_sq"), grad=view("grad"), step=torch.zeros((), dtype=torch.float32, device=state_device), snap=snap, back=back,
         ))
         off += p.numel
     return bucket
@@ -106,6 +111,15 @@ def take_snapshot(slots: list[Slot]) -> None:
         s.snap[1].copy_(s.exp_avg)
         s.snap[2].copy_(s.exp_avg_sq)
         s.snap_step = float(s.step)
+
+
+def flip(slots: list[Slot]) -> None:
+    """Double buffer: the buffers the step wrote become the state; the old state becomes the back."""
+    for s in slots:
+        assert s.back is not None
+        front = (s.master, s.exp_avg, s.exp_avg_sq)
+        s.master, s.exp_avg, s.exp_avg_sq = s.back
+        s.back = front
 
 
 def restore_snapshot(slots: list[Slot]) -> None:

@@ -37,6 +37,7 @@ class Case:
     speculate: bool = True
     activation_checkpointing: bool = False
     lr: float = 3e-3
+    kernel: str = "auto"
     bucket_params: int = 200_000_000
     grow_tail_at: int = -1  # before this optimizer step, move 2 host buckets to the tail
     extra: dict = field(default_factory=dict)
@@ -70,6 +71,7 @@ def engine_config(case: Case) -> EngineConfig:
     ec.offload.ratio = case.ratio
     ec.offload.speculate = case.speculate
     ec.offload.bucket_params = case.bucket_params
+    ec.offload.kernel = case.kernel
     ec.activation_checkpointing = case.activation_checkpointing
     return ec
 
@@ -158,6 +160,7 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
             out["untouched_equal"] &= bool(torch.equal(master[n], p.detach()))
     if state_before is not None:
         out["skip_bit_identical"] = all(torch.equal(a, b) for a, b in zip(state_before, state_after_skip))
+    out["stats"] = dict(engine.pipeline.stats)
     out["lr_equal"] = [g["lr"] for g in engine.optimizer.param_groups] == [g["lr"] for g in ropt.param_groups]
     engine.close()
     return out
@@ -210,5 +213,8 @@ CASES = [
     Case("gpu_tail_ratio", max_norm=1.0, ratio=0.5, weight_decay=0.1),
     Case("no_speculation", max_norm=1.0, speculate=False, nan_step=5, steps=12),
     Case("tail_grows_mid_run", max_norm=1.0, weight_decay=0.1, grow_tail_at=5, steps=12),
+    Case("speculate_nan_no_clip", max_norm=0.0, nan_step=6, steps=12),
+    Case("torch_kernel_clip_mixed", max_norm=2.0, lr=1e-2, kernel="torch"),
+    Case("torch_kernel_nan_no_clip", max_norm=0.0, nan_step=6, steps=12, kernel="torch"),
     Case("small_buckets_ac", max_norm=1.0, bucket_params=3000, activation_checkpointing=True, nan_step=6, steps=12),
 ]

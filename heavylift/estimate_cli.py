@@ -1,0 +1,65 @@
+"""``heavylift estimate``: bytes per tier per rank, whether it fits, and the step-time floor.
+
+    heavylift estimate --model PRESET|DIR [--gpus N] [--nodes K] [--seq S] [--mbs B] [--accum A]
+                       [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format fp32]
+                       [--gpu-mem-gib G] [--host-mem-gib H]
+                       [--gpu-tflops F] [--cpu-params-per-s R] [--link-gbs W]
+
+``--tail-ratio`` is the fraction of parameters whose optimizer state stays on the GPU (1 - engine.offload.ratio);
+left out, the engine's automatic choice. ``--gpu-mem-gib``/``--host-mem-gib`` describe another machine
+(per GPU; host RAM per node); without them this machine is measured. Rates not given are probed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from heavylift.config.errors import HeavyliftError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage + message becomes one HeavyliftError line
+        raise HeavyliftError(f"estimate: {message}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="heavylift estimate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="'default', a preset name, or an HF model directory")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--mbs", type=int, default=1, help="micro-batch per GPU")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--tail-ratio", type=float, default=None,
+                   help="fraction of params with GPU optimizer state (1 - engine.offload.ratio); default: auto")
+    p.add_argument("--no-ac", action="store_true", help="activation checkpointing off")
+    p.add_argument("--no-speculate", action="store_true", help="engine.offload.speculate false (no snapshot)")
+    p.add_argument("--no-pin", action="store_true", help="engine.offload.pin_memory false")
+    p.add_argument("--state-format", default="fp32", help="host optimizer state format (only fp32 exists)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="describe a machine: memory per GPU")
+    p.add_argument("--host-mem-gib", type=float, default=None, help="describe a machine: host RAM per node")
+    p.add_argument("--gpu-tflops", type=float, default=None, help="bf16 rate per GPU (default: probe/746)")
+    p.add_argument("--cpu-params-per-s", type=float, default=None,
+                   help="fused CPU AdamW rate of the host, params/s (default: a ~1 s probe here)")
+    p.add_argument("--link-gbs", type=float, default=None, help="pinned host<->GPU GB/s per GPU (default: probe/50)")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    from heavylift.memory import Setup, estimate, probe_rates, render, this_machine
+    a = parser().parse_args(argv)
+    for key in ("gpu_mem_gib", "host_mem_gib", "gpu_tflops", "cpu_params_per_s", "link_gbs"):
+        value = getattr(a, key)
+        if value is not None and not value > 0:
+            raise HeavyliftError(f"estimate: --{key.replace('_', '-')} must be > 0, not {value}")
+    setup = Setup(gpus_per_node=a.gpus, nodes=a.nodes, seq=a.seq, mbs=a.mbs, accum=a.accum,
+                  activation_checkpointing=not a.no_ac, state_format=a.state_format, speculate=not a.no_speculate,
+                  tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2)
+    from heavylift.memory import _check_setup
+    _check_setup(setup)  # bad numbers fail before the model is read or anything is probed
+    machine = this_machine(a.gpu_mem_gib, a.host_mem_gib)
+    rates = probe_rates(a.gpu_tflops, a.cpu_params_per_s, a.link_gbs)
+    p = estimate(a.model, setup, machine, rates)
+    print(render(p, machine, rates))
+    return 0

@@ -1,0 +1,154 @@
+"""The memory / step-time planner, ``heavylift estimate`` and the ``train`` preflight (CPU only)."""
+
+import pytest
+from transformers import LlamaConfig
+
+from heavylift.cli import main
+from heavylift.config.errors import HeavyliftError
+from heavylift.config.train import TrainConfig
+from heavylift.memory import (GiB, Machine, Rates, Setup, block_activation_bytes_per_token, check_train,
+                              estimate, model_shape, plan)
+
+H200 = Machine(gpu_total_bytes=int(139.8 * GiB), host_available_bytes=int(123 * GiB), has_cuda=True)
+
+
+@pytest.fixture(scope="module")
+def bench_shape():
+    """The benchmark's qwen3-4b shape: Llama architecture, head_dim 80, tied (benchmarks/step_bench.py)."""
+    return model_shape(LlamaConfig(hidden_size=2560, num_hidden_layers=36, intermediate_size=9728,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=151936,
+                                   tie_word_embeddings=True, max_position_embeddings=8192))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return model_shape("tiny")
+
+
+def test_shapes(bench_shape, tiny):
+    assert bench_shape.params == 3_668_564_480  # what the benchmark measured on
+    assert bench_shape.root_params == 151936 * 2560 + 2560 and bench_shape.layers == 36
+    assert tiny.params == 512 * 64 + 2 * (64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    assert model_shape("qwen3-4b").params == 4_022_468_096  # the Qwen3 preset (head_dim 128) is larger
+
+
+def test_tiny_bytes_per_tier(tiny):
+    s = Setup(seq=256, mbs=2, tail_ratio=0.0, speculate=True, pin=False, load_bytes=4)
+    p = plan(tiny, s, Machine(host_available_bytes=16 * GiB))
+    P = tiny.params
+    assert p.host_params == P and p.tail_params == 0
+    assert p.host["master + grad slot"] == 8 * P and p.host["pageable: exp_avg + exp_avg_sq"] == 8 * P
+    assert p.host["pageable: speculation snapshot"] == 12 * P and p.host["model as loaded (until sharded)"] == 4 * P
+    assert p.gpu["weights (bf16 shards)"] == 2 * P
+    saved, work = block_activation_bytes_per_token(tiny)
+    tokens = 512
+    assert p.gpu_phases["loss"] == 2 * P + 2 * tiny.root_params + 2 * 64 * tokens * 2 + tokens * 64 * 10 \
+        + tokens * 512 * 12
+    assert p.gpu_phases["block backward"] >= 2 * P + tokens * (saved + work)
+    assert "compute device = CPU (weights, activations)" in p.host  # no GPU: the device is host RAM
+    assert p.nvme == 0 and p.verdicts["host"] == "fits"
+
+
+def test_scaling_with_world_size_and_tail(bench_shape):
+    base = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0), H200)
+    two = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, gpus_per_node=2), H200)
+    four = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, gpus_per_node=2, nodes=2), H200)
+    P = bench_shape.params
+    assert base.host_params == P
+    for p, n in ((two, 2), (four, 4)):
+        assert p.host_params == pytest.approx(P / n, rel=1e-3)  # state shards over every rank
+        assert p.gpu["weights (bf16 shards)"] == pytest.approx(2 * P / n, rel=1e-3)
+        assert p.gpu["loss: 3 x fp32 [tokens, vocab]"] == base.gpu["loss: 3 x fp32 [tokens, vocab]"]  # per rank
+    assert four.host_peak_node < two.host_peak_node  # two nodes: half the state per node
+    half = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.5), H200)
+    assert half.tail_params == 15 * 91_100_160 + bench_shape.root_params  # whole buckets, last-arriving first
+    assert half.gpu["GPU-tail optimizer state"] == 16 * half.tail_params
+    assert half.host_params + half.tail_params == P
+    rates = Rates(746, 4.1e9, 50)
+    t = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0), H200, rates).times
+    assert t["gpu"] == pytest.approx(8 * P * 16384 / 746e12)
+    assert t["cpu"] == pytest.approx(P / 4.1e9)
+    assert t["link"] == pytest.approx(8 * P / (1.55 * 50e9))
+    assert t["floor"] == max(t["gpu"], t["cpu"], t["link"])
+
+
+@pytest.mark.parametrize("tail_ratio, speculate, gpu_gib, host_gib", [
+    (None, False, 44.42, 69.63),  # run 3: auto tail (the root unit), speculation off
+    (0.5, False, 64.81, 44.5),    # run 4: offload.ratio 0.5
+    (None, True, 44.42, 106.28),  # run 2: snapshot kept
+])
+def test_calibration_qwen3_4b_shape(bench_shape, tail_ratio, speculate, gpu_gib, host_gib):
+    """benchmarks/results/2026-11-28-h200-first: measured peak GPU (max_memory_allocated) and host RSS of
+    step_bench.py (which builds the model in bf16 on the host: load_bytes 2)."""
+    p = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2), H200)
+    assert p.gpu_peak / GiB == pytest.approx(gpu_gib, rel=0.10)
+    assert p.host_peak_rank / GiB == pytest.approx(host_gib, rel=0.10)
+    assert abs(p.gpu_peak / GiB - gpu_gib) < 0.5  # in fact within half a GiB
+
+
+def test_cli_table(capsys):
+    rc = main(["estimate", "--model", "tiny", "--gpus", "2", "--seq", "512", "--mbs", "2", "--gpu-mem-gib", "80",
+               "--host-mem-gib", "64", "--gpu-tflops", "500", "--cpu-params-per-s", "1e9", "--link-gbs", "40"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for text in ("2 rank(s)", "GPU  (peak in the", "weights (bf16 shards)", "host", "NVMe", "fits: GPU fits",
+                 "host fits", "step-time floor", "500 TFLOP/s (given)", "floor (overlapped: max)"):
+        assert text in out
+
+
+def test_cli_does_not_fit_names_what_would(capsys):
+    rc = main(["estimate", "--model", "qwen3-4b", "--seq", "16384", "--mbs", "4", "--gpu-mem-gib", "80",
+               "--host-mem-gib", "64", "--gpu-tflops", "700", "--cpu-params-per-s", "4e9", "--link-gbs", "50"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "GPU no" in out and "host no" in out and "to fit:" in out
+    assert "micro-batch" in out and "sequence length" in out and "nodes" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "neither 'default', a preset"),
+    (["--model", "tiny", "--gpus", "0"], "gpus per node must be an integer >= 1"),
+    (["--model", "tiny", "--gpus", "x"], "invalid int value"),
+    (["--model", "tiny", "--tail-ratio", "1.5"], "tail ratio must be in [0, 1]"),
+    (["--model", "tiny", "--state-format", "int8"], "state format 'int8' does not exist"),
+    (["--model", "tiny", "--link-gbs", "-1"], "--link-gbs must be > 0"),
+    (["--seq", "4"], "the following arguments are required: --model"),
+    (["--model", "tiny", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_cli_errors_one_line_exit_2(args, message, capsys):
+    assert main(["estimate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("heavylift: error: ") and message in err and err.count("\n") == 1
+
+
+def test_preflight_refuses_on_a_small_machine():
+    cfg = TrainConfig(model="qwen3-4b", seq_len=4096)
+    cfg.engine.batch.micro_batch_size = 4
+    cfg.engine.activation_checkpointing = True
+    small = Machine(gpu_total_bytes=24 * GiB, host_available_bytes=32 * GiB, has_cuda=True)
+    with pytest.raises(HeavyliftError) as e:
+        check_train(cfg, machine=small)
+    msg = str(e.value)
+    assert "cannot fit" in msg and "GPU: peak" in msg and "host:" in msg and "Would fit with:" in msg
+    big = Machine(gpu_total_bytes=140 * GiB, host_available_bytes=500 * GiB, has_cuda=True)
+    warnings = []
+    assert check_train(cfg, machine=big, warn=warnings.append).fits and not any("tight" in w for w in warnings)
+
+
+def test_preflight_warns_when_tight(bench_shape):
+    cfg = TrainConfig(model="qwen3-4b", seq_len=4096)
+    cfg.engine.batch.micro_batch_size = 4
+    cfg.engine.activation_checkpointing = True
+    cfg.engine.offload.ratio = 1.0
+    need = estimate("qwen3-4b", Setup(seq=4096, mbs=4, load_bytes=4, tail_ratio=0.0),
+                    Machine(gpu_total_bytes=140 * GiB, host_available_bytes=500 * GiB, has_cuda=True)).gpu_peak
+    tight = Machine(gpu_total_bytes=int(need * 1.02) + int(0.6 * GiB), host_available_bytes=500 * GiB, has_cuda=True)
+    warnings = []
+    p = check_train(cfg, machine=tight, warn=warnings.append)
+    assert p.verdicts["gpu"] == "tight" and any("tight fit" in w for w in warnings)
+
+
+def test_preflight_pinned_limit():
+    cfg = TrainConfig(model="tiny", seq_len=64)
+    m = Machine(gpu_total_bytes=80 * GiB, host_available_bytes=64 * GiB, memlock_bytes=64 * 1024, has_cuda=True)
+    with pytest.raises(HeavyliftError, match="ulimit -l"):
+        check_train(cfg, machine=m)
