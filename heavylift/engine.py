@@ -175,7 +175,7 @@ class Engine:
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
         )
-        self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step)
+        self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
         for bucket in self.buckets:
             for slot in bucket.slots:
@@ -305,8 +305,8 @@ class Engine:
             moved = migrate_to_tail(self.buckets[b], self.device)
             self.buckets[b] = moved  # the pipeline shares this list
             for slot in moved.slots:
-                st = self.optimizer.state[slot.device_param]
-                st.update(step=slot.step, exp_avg=slot.exp_avg, exp_avg_sq=slot.exp_avg_sq, master=slot.master)
+                self.optimizer._slots[id(slot.device_param)] = slot
+        self.optimizer.sync_state()
         log.info("GPU tail grown to %d of %d buckets from the measured peak", len(self.buckets) - new_first,
                  len(self.buckets))
         self.first_tail = new_first

@@ -15,15 +15,28 @@ from heavylift.offload.store import Slot
 
 
 class OffloadedAdamW(torch.optim.Optimizer):
-    def __init__(self, param_groups: list[dict], slots: dict[int, Slot], step_fn: Callable[[], object]):
+    def __init__(self, param_groups: list[dict], slots: dict[int, Slot], step_fn: Callable[[], object],
+                 settle: Callable[[], None] = lambda: None):
         defaults = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         super().__init__(param_groups, defaults)
         self._step_fn = step_fn
+        self._slots = slots
+        self._settle = settle  # waits for the CPU worker, so the views below are final
+        self.sync_state()
+
+    def sync_state(self) -> None:
+        """Point ``state`` at the current buffers (double buffering swaps them on every commit, and
+        the GPU tail may move a bucket to the device)."""
         for group in self.param_groups:
             for p in group["params"]:
-                s = slots[id(p)]
+                s = self._slots[id(p)]
                 self.state[p] = {"step": s.step, "exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq,
                                  "master": s.master}
+
+    def state_dict(self):
+        self._settle()
+        self.sync_state()
+        return super().state_dict()
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim API

@@ -1,4 +1,5 @@
 """heavylift's offloaded AdamW against torch.optim.AdamW on an unsharded copy, one rank (CPU, fp32)."""
+import torch
 
 import pytest
 
@@ -38,3 +39,23 @@ def test_clipping_really_triggers():
     """Guard against a vacuous 'clip always' case: the reference norm must exceed the clip each step."""
     result = run_case(Case("clip_always", max_norm=1e-2, steps=4))
     assert all(ref > 1e-2 for _, ref in result["norms"])
+
+
+def test_optimizer_state_dict_follows_double_buffer_flips():
+    """After committed speculative steps the optimizer's state must show the live moments."""
+    import heavylift
+    from support.equivalence import batches, engine_config, tiny_model
+
+    engine = heavylift.initialize(model=tiny_model(), config=engine_config(Case("sd", max_norm=0.0)))[0]
+    for step in range(3):
+        (ids,) = batches(step, 0, 1)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    sd = engine.optimizer.state_dict()
+    slot = engine.buckets[0].slots[0]
+    st = sd["state"][0]
+    assert engine.pipeline.stats["speculated"] > 0
+    assert float(st["step"]) == 3.0
+    assert any(torch.equal(st["exp_avg"], s.exp_avg) for b in engine.buckets for s in b.slots)
+    assert slot.exp_avg.abs().sum() > 0
+    engine.close()
