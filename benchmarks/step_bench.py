@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--clip", type=str, default="1.0",
+                    help="comma-separated clip values: one measured phase each on the same engine (0 disables)")
     ap.add_argument("--speculate", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=-1.0, help="<0: automatic")
     ap.add_argument("--threads", type=int, default=0)
@@ -59,7 +60,8 @@ def main() -> None:
     nparams = sum(p.numel() for p in model.parameters())
     ec = EngineConfig()
     ec.precision.dtype = "bf16"
-    ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, a.clip, 0.0
+    clips = [float(c) for c in a.clip.split(",")]
+    ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, clips[0], 0.0
     ec.batch.micro_batch_size, ec.batch.grad_accum = a.mbs, a.accum
     ec.offload.speculate = bool(a.speculate)
     ec.offload.ratio = None if a.ratio < 0 else a.ratio
@@ -67,40 +69,45 @@ def main() -> None:
     engine = heavylift.initialize(model=model, config=ec)[0]
     init_s = time.perf_counter() - t0
     tokens = a.mbs * a.seq * a.accum
-    times, waits, finishes, norms = [], [], [], []
-    for step in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
-        w0 = engine.pipeline.wait_seconds
-        t = time.perf_counter()
-        for _ in range(a.accum):
-            ids = torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device="cuda")
-            loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
-            f = time.perf_counter()
-            engine.step()
-        finish = time.perf_counter() - f
-        torch.cuda.synchronize()
-        if step >= a.warmup:
-            times.append(time.perf_counter() - t)
-            waits.append(engine.pipeline.wait_seconds - w0)
-            finishes.append(finish)
-            norms.append(engine.last_step.grad_norm)
-    # the last step's optimizer work finishes in the next forward's waits; count it in the last step
-    engine.pipeline.wait_all()
-    step_s = statistics.median(times)
-    flops = (6 * nparams + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq) * tokens
-    out = {
-        "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
-        "speculate": a.speculate, "first_tail_bucket": engine.first_tail, "buckets": len(engine.buckets),
-        "cpu_threads": engine.pipeline._cpu_threads,
-        "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
-        "tflops": round(flops / step_s / 1e12, 1), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "forward_wait_s": round(statistics.median(waits), 4), "finish_step_s": round(statistics.median(finishes), 4),
-        "init_s": round(init_s, 1), "step_times": [round(x, 3) for x in times], "grad_norms": norms,
-        "card": torch.cuda.get_device_name(), "torch": torch.__version__,
-    }
-    print(json.dumps(out), flush=True)
+    for clip in clips:
+        engine.config.optim.max_grad_norm = clip
+        spec0 = dict(engine.pipeline.stats)
+        times, waits, finishes, norms = [], [], [], []
+        for step in range(a.warmup + a.steps):
+            torch.cuda.synchronize()
+            w0 = engine.pipeline.wait_seconds
+            t = time.perf_counter()
+            for _ in range(a.accum):
+                ids = torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device="cuda")
+                loss = engine(input_ids=ids, labels=ids).loss
+                engine.backward(loss)
+                f = time.perf_counter()
+                engine.step()
+            finish = time.perf_counter() - f
+            torch.cuda.synchronize()
+            if step >= a.warmup:
+                times.append(time.perf_counter() - t)
+                waits.append(engine.pipeline.wait_seconds - w0)
+                finishes.append(finish)
+                norms.append(engine.last_step.grad_norm)
+        engine.pipeline.wait_all()
+        step_s = statistics.median(times)
+        flops = (6 * nparams + 12 * cfg.num_hidden_layers * cfg.hidden_size * a.seq) * tokens
+        out = {
+            "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs,
+            "accum": a.accum, "clip": clip, "speculate": a.speculate, "kernel": "native" if engine.pipeline._native else "torch",
+            "first_tail_bucket": engine.first_tail, "buckets": len(engine.buckets),
+            "cpu_threads": engine.pipeline._cpu_threads,
+            "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
+            "tflops": round(flops / step_s / 1e12, 1),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "forward_wait_s": round(statistics.median(waits), 4), "finish_step_s": round(statistics.median(finishes), 4),
+            "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0},
+            "init_s": round(init_s, 1), "step_times": [round(x, 3) for x in times], "grad_norms": norms,
+            "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+        }
+        print(json.dumps(out), flush=True)
     engine.close()
 
 

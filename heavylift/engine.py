@@ -303,6 +303,7 @@ class Engine:
         new_first = self.first_tail - n
         for b in range(new_first, self.first_tail):
             moved = migrate_to_tail(self.buckets[b], self.device)
+            self.buckets[b].release()
             self.buckets[b] = moved  # the pipeline shares this list
             for slot in moved.slots:
                 self.optimizer._slots[id(slot.device_param)] = slot
@@ -336,3 +337,7 @@ class Engine:
     def close(self) -> None:
         self.pipeline.wait_all()
         self.pipeline.close()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(self.device)
+        for bucket in self.buckets:
+            bucket.release()

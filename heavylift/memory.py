@@ -22,8 +22,8 @@ GPU, per rank (bf16 compute dtype, 2 B/param; fp32 4 B):
   Calibrated on qwen3-4b's shape (Llama, head_dim 80: 3.67 B params), seq 4096, micro-batch 4, AC, 1 GPU:
   measured 44.42 GiB (root unit in the tail) and 64.81 GiB (offload.ratio 0.5); see tests/unit/test_memory.py.
 
-Host, per rank: pinned master + gradient slot (8 B/param, each bucket buffer rounded up to a power of two
-by PyTorch's pinned caching allocator), pageable moments (8 B/param), the speculation snapshot (12 B/param,
+Host, per rank: pinned master + gradient slot (8 B/param, exact: the store page-locks its own buffers
+instead of using PyTorch's pinned caching allocator, which rounds each block up to a power of two), pageable moments (8 B/param), the speculation snapshot (12 B/param,
 dropped by the engine when it does not fit), the model as loaded (full, on every rank, until sharded) and
 a fixed runtime overhead (CUDA/torch libraries). NVMe: 0 (no NVMe tier yet).
 
@@ -353,7 +353,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
 
     # ---- host ----
     state_bytes = STATE_FORMATS[setup.state_format]
-    pinned = sum(2 * _pow2(4 * b.numel) for b in host_buckets) if setup.pin else PINNED_BYTES * host_params
+    pinned = PINNED_BYTES * host_params  # exact: the store page-locks its own buffers (offload/pinned.py)
     pageable = (state_bytes - PINNED_BYTES) * host_params
     load = setup.load_bytes * shape.params
     snapshot = SNAPSHOT_BYTES * host_params
@@ -367,7 +367,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
         speculate = False
         notes.append(f"speculation snapshot ({snapshot / GiB:.1f} GiB/rank) does not fit beside the state: "
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
-    host = {"pinned: master + grad slot (pow2-rounded buffers)" if setup.pin else "master + grad slot": pinned,
+    host = {"pinned: master + grad slot" if setup.pin else "master + grad slot": pinned,
             "pageable: exp_avg + exp_avg_sq": pageable,
             "pageable: speculation snapshot": snapshot if speculate else 0,
             "model as loaded (until sharded)": load,
@@ -378,9 +378,6 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     result = Plan(shape=shape, setup=setup, gpu=gpu_items, gpu_phases=phases, gpu_peak=phases[peak_phase],
                   host=host, host_peak_rank=host_rank, host_peak_node=host_rank * setup.gpus_per_node, nvme=0,
                   tail_params=tail_params, host_params=host_params, speculate=speculate, notes=notes)
-    if setup.pin and pinned > 1.25 * PINNED_BYTES * host_params:
-        notes.append(f"pinned buffers round up to powers of two: {pinned / GiB:.1f} GiB pinned for "
-                     f"{PINNED_BYTES * host_params / GiB:.1f} GiB of master + gradient slots")
     if rates is not None:
         result.times = floor_times(shape, setup, host_params, rates)
     _verdicts(result, machine)

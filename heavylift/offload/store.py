@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from heavylift.offload.buckets import BucketSpec, ParamSpec
+from heavylift.offload.pinned import pinned_zeros, release
 
 
 @dataclass
@@ -44,6 +45,11 @@ class BucketState:
     def on_host(self) -> bool:
         return not self.tail
 
+    def release(self) -> None:
+        """Unlock pinned buffers; call before dropping a host bucket."""
+        for t in self.flats.values():
+            release(t)
+
     def nbytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for k, t in self.flats.items():
@@ -70,7 +76,9 @@ def allocate_bucket(
         state_device = torch.device("cpu")
 
     def buf(pinned: bool) -> Tensor:
-        return torch.zeros(n, dtype=torch.float32, device=state_device, pin_memory=pinned and on_host)
+        if pinned and on_host:
+            return pinned_zeros(n)
+        return torch.zeros(n, dtype=torch.float32, device=state_device)
 
     flats = {
         "master": buf(pin),

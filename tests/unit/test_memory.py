@@ -82,7 +82,16 @@ def test_calibration_qwen3_4b_shape(bench_shape, tail_ratio, speculate, gpu_gib,
     step_bench.py (which builds the model in bf16 on the host: load_bytes 2)."""
     p = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2), H200)
     assert p.gpu_peak / GiB == pytest.approx(gpu_gib, rel=0.10)
-    assert p.host_peak_rank / GiB == pytest.approx(host_gib, rel=0.10)
+    # Those runs pinned through PyTorch's caching host allocator, which rounded each 4 B/param bucket
+    # buffer (master, gradient slot) up to a power of two; the store now page-locks exact sizes.
+    from heavylift.memory import _buckets, _pow2, _tail_ratio
+    from heavylift.offload.buckets import split_tail
+
+    setup = Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2)
+    buckets = _buckets(bench_shape, setup)
+    host_buckets = buckets[: split_tail(buckets, _tail_ratio(bench_shape, setup, H200))]
+    waste = sum(2 * (_pow2(4 * b.numel) - 4 * b.numel) for b in host_buckets)
+    assert p.host_peak_rank / GiB == pytest.approx((host_gib * GiB - waste) / GiB, rel=0.10)
     assert abs(p.gpu_peak / GiB - gpu_gib) < 0.5  # in fact within half a GiB
 
 

@@ -1,0 +1,40 @@
+"""Page-locked host buffers of exactly the size asked for.
+
+``torch.empty(..., pin_memory=True)`` goes through the CUDA caching host allocator, which rounds every
+block up to a power of two: a 364 MB bucket buffer takes 512 MiB, up to half the pinned RAM wasted.
+So the store allocates ordinary memory and page-locks it with ``cudaHostRegister`` (what the driver
+does for pinned memory anyway), and unregisters it before the memory is freed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("heavylift")
+_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
+
+
+def pinned_zeros(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zeroed CPU tensor whose pages are locked for DMA (falls back to torch's pinned allocator)."""
+    t = torch.zeros(n, dtype=dtype)
+    if n == 0:
+        return t
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), n * t.element_size(), _PORTABLE))
+    if err != 0:
+        log.warning("cudaHostRegister failed (error %d); using torch's pinned allocator", err)
+        return torch.zeros(n, dtype=dtype, pin_memory=True)
+    _registered.add(t.data_ptr())
+    return t
+
+
+def release(t: torch.Tensor) -> None:
+    """Unlock a tensor from ``pinned_zeros`` before its memory goes back to the system."""
+    ptr = t.data_ptr()
+    if ptr in _registered:
+        _registered.discard(ptr)
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+_registered: set[int] = set()
