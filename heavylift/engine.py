@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from heavylift.config.errors import ConfigError
 from heavylift.config.schema import EngineConfig, validate
 from heavylift.dist.env import DistEnv, init_dist
 from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
@@ -119,7 +120,11 @@ class Engine:
         specs = plan_buckets(units, cfg.offload.bucket_params)
         ratio = cfg.offload.ratio if cfg.offload.ratio is not None else self._auto_ratio(specs)
         first_tail = split_tail(specs, ratio)
-        native = self._native_kernel() if cfg.offload.kernel != "torch" else None
+        compact = cfg.offload.state_format != "fp32"
+        if compact and cfg.offload.kernel == "torch":
+            raise ConfigError("offload.kernel", "torch", f"auto or native (state_format "
+                              f"{cfg.offload.state_format!r} is stepped by heavylift's native kernel)")
+        native = self._native_kernel(required=compact) if cfg.offload.kernel != "torch" else None
         speculate = self._preflight(specs[:first_tail], double_buffer=native is not None)
 
         # Host state first, from the caller's values (or drawn unit by unit for a meta model); then
@@ -136,7 +141,8 @@ class Engine:
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
                                      pin=cfg.offload.pin_memory and torch.cuda.is_available(),
                                      snapshot=speculate and native is None, tail=spec.index >= first_tail,
-                                     double_buffer=speculate and native is not None)
+                                     double_buffer=speculate and native is not None,
+                                     moment_dtype=torch.bfloat16 if compact else torch.float32)
             with torch.no_grad():
                 for slot in bucket.slots:
                     slot.master.copy_(values.shard(slot.spec.name).reshape(slot.master.shape))
@@ -201,12 +207,12 @@ class Engine:
         budget = torch.cuda.get_device_properties(self.device).total_memory * 0.10 / 16
         return 1.0 - (tail / total if tail <= budget else 0.0)
 
-    def _native_kernel(self):
+    def _native_kernel(self, required: bool = False):
         from heavylift.config.errors import HeavyliftError
         from heavylift.optim import native
 
         module = native.load()
-        if module is None and self.config.offload.kernel == "native":
+        if module is None and (self.config.offload.kernel == "native" or required):
             raise HeavyliftError(f"offload.kernel 'native' could not be built ({native.failure()}): install a C++ "
                                  "compiler and ninja, or set offload.kernel: torch")
         return module
@@ -215,17 +221,19 @@ class Engine:
         """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
         (12 more bytes/param; without it CPU buckets step after backward: slower, same results)."""
         n = sum(s.numel for s in host_specs)
+        moments = 4 if self.config.offload.state_format != "fp32" else 8  # bytes/param, m + v
+        state, back = 8 + moments, 4 + moments  # master + grad slot + moments; a second master + moments
         pin = self.config.offload.pin_memory and torch.cuda.is_available()
         speculate = self.config.offload.speculate
         if speculate:
             avail = mem_available_bytes()
-            if avail is not None and n * 28 > 0.9 * avail:
+            if avail is not None and n * (state + back) > 0.9 * avail:
                 speculate = False
                 if self.env.is_main:
                     log.warning("offload.speculate turned off: its snapshot (%.1f GiB) does not fit beside the "
-                                "state in host RAM (%.1f GiB available)", n * 12 / 2**30, avail / 2**30)
+                                "state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
         pinned = n * (12 if speculate and double_buffer else 8)  # gradient slot + master (+ back master)
-        check_host_memory(n * (28 if speculate else 16), pinned, pin)
+        check_host_memory(n * (state + back if speculate else state), pinned, pin)
         return speculate
 
     # ---- hyper-parameters as the scheduler left them ------------------------------------------------
@@ -333,6 +341,21 @@ class Engine:
                     local = torch.cat([t.to("cpu") for t in parts])[:rows]
                 out[slot.spec.name] = local.reshape(full_shape).clone()
         return out
+
+    # ---- checkpoints (DeepSpeed names) ------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, keep: int = 0, tokenizer=None):
+        """Atomic, verified, sharded checkpoint of everything (heavylift/checkpoint)."""
+        from heavylift.checkpoint import save
+
+        return save(self, save_dir, tag or f"global_step{self.global_step}", extra=client_state, keep=keep,
+                    tokenizer=tokenizer)
+
+    def load_checkpoint(self, load_dir, tag=None):
+        """Returns ``(path, client_state)`` like DeepSpeed; checksums are verified before anything loads."""
+        from heavylift.checkpoint import load
+
+        extra = load(self, load_dir, tag or "latest")
+        return os.path.join(str(load_dir), extra["tag"]), extra
 
     def close(self) -> None:
         self.pipeline.wait_all()

@@ -12,6 +12,9 @@ import torch
 from tqdm import tqdm
 
 import heavylift
+from heavylift.checkpoint import Preemption, resume_auto
+from heavylift.checkpoint import load as load_checkpoint
+from heavylift.checkpoint import save as save_checkpoint
 from heavylift.config.train import TrainConfig, validate_train
 from heavylift.data import PackedLoader, build_datasets
 from heavylift.metrics import MetricsLog, peak_tflops_for
@@ -49,9 +52,21 @@ def run(cfg: TrainConfig) -> dict:
     eval_fn = (lambda: evaluate(engine, eval_loader.one_pass())) if eval_loader else None
     before = eval_fn() if eval_fn else None
     say(f"heavylift: held-out before training: {_describe_eval(before)} ({time.perf_counter() - start:.0f} s)")
-    with tqdm(total=steps, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True) as progress:
+    ckpt_dir = pathlib.Path(cfg.checkpoint_dir or out_dir / "checkpoints")
+    start_step = _resume(cfg, engine, train_loader, ckpt_dir, say)
+    saving = bool(cfg.save_every or cfg.checkpoint_dir)  # else only a preempted run saves
+
+    def save_fn(step: int) -> None:  # at the last step only when saving; earlier: periodic or preempted
+        if saving or step < steps:
+            save_checkpoint(engine, ckpt_dir, f"step-{step}", extra={"loader": train_loader.state_dict()},
+                            keep=cfg.keep_checkpoints, tokenizer=tokenizer)
+            say(f"heavylift: saved {ckpt_dir / f'step-{step}'}")
+
+    with Preemption() as preempt, tqdm(total=steps, initial=start_step, desc="train", unit="step",
+                                       disable=rank != 0, dynamic_ncols=True) as progress:
         records = train(engine, optimizer, train_loader, steps, batch.grad_accum, log, cfg.log_every,
-                        cfg.eval_every, eval_fn, progress, _peak_tflops(cfg, engine.device))
+                        cfg.eval_every, eval_fn, progress, _peak_tflops(cfg, engine.device),
+                        start_step=start_step, save_every=cfg.save_every, save_fn=save_fn, preempt=preempt)
     after = eval_fn() if eval_fn else None
     say(f"heavylift: held-out after {steps} steps: {_describe_eval(after)} ({time.perf_counter() - start:.0f} s)")
     summary = {"steps": steps, "final_train_loss": records[-1]["loss"] if records else None,
@@ -63,6 +78,20 @@ def run(cfg: TrainConfig) -> dict:
     log.close()
     engine.close()
     return summary
+
+
+def _resume(cfg: TrainConfig, engine, train_loader, ckpt_dir: pathlib.Path, say) -> int:
+    """Load ``cfg.resume`` ("auto": the newest checkpoint that verifies) and return the step reached."""
+    if not cfg.resume:
+        return 0
+    extra = (resume_auto(engine, ckpt_dir) if cfg.resume == "auto"
+             else load_checkpoint(engine, ckpt_dir, cfg.resume))
+    if extra is None:
+        say(f"heavylift: no checkpoint in {ckpt_dir}; starting fresh")
+        return 0
+    train_loader.load_state_dict(extra["loader"])
+    say(f"heavylift: resumed {ckpt_dir / extra['tag']} at step {engine.global_step}")
+    return engine.global_step
 
 
 def _peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:

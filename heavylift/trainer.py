@@ -58,8 +58,11 @@ def evaluate(engine, batches: Iterator[dict[str, torch.Tensor]]) -> EvalResult:
 
 def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: int, grad_accum: int,
           log: MetricsLog, log_every: int = 1, eval_every: int = 0, eval_fn=None, progress=None,
-          peak_tflops: float | None = None) -> list[dict]:
-    """``steps`` optimizer steps of ``grad_accum`` micro-batches each; returns the logged records.
+          peak_tflops: float | None = None, start_step: int = 0, save_every: int = 0, save_fn=None,
+          preempt=None) -> list[dict]:
+    """Optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each; returns the logged
+    records. ``save_fn(step)`` runs every ``save_every`` steps, at the last step, and when ``preempt``
+    (a SIGTERM/SIGINT flag agreed by all ranks) asks to stop, after which the loop ends.
 
     ``peak_tflops`` (per GPU) turns the logged model TFLOP/s into an MFU; see ``metrics.flops_metrics``.
     """
@@ -69,7 +72,7 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
     pinned = pinned_bytes(getattr(engine, "buckets", []))
     pipeline = getattr(engine, "pipeline", None)
     cuda = engine.device.type == "cuda"
-    for step in range(1, steps + 1):
+    for step in range(start_step + 1, steps + 1):
         start, tokens, losses = time.perf_counter(), 0, []
         wait0 = pipeline.wait_seconds if pipeline is not None else 0.0
         lr = optimizer.param_groups[0]["lr"]
@@ -106,6 +109,11 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
             log.log(step, {"eval_loss": eval_fn().loss})
         if progress is not None:
             progress.update(1)
+        stop = preempt is not None and preempt.should_stop(engine.device)  # collective: every rank, every step
+        if save_fn is not None and (stop or step == steps or (save_every and step % save_every == 0)):
+            save_fn(step)
+        if stop:
+            break
     return records
 
 

@@ -76,6 +76,10 @@ class OffloadConfig:
     # bytes/param of traffic); equal to torch's to fp32 rounding. "torch": torch's fused kernel
     # (bitwise torch.optim.AdamW(fused=True)). "auto": native when it compiles, else torch.
     kernel: Literal["auto", "native", "torch"] = "auto"
+    # How host optimizer state is stored. "fp32": fp32 master and moments (exact AdamW). "bf16-moments":
+    # fp32 master, moments rounded to bfloat16 after each step (12 instead of 16 bytes/param of host
+    # state, 20 instead of 28 of CPU traffic; opt-in, see docs/state-formats.md for its measured error).
+    state_format: Literal["fp32", "bf16-moments"] = "fp32"
     # Target bucket size in parameters (buckets never split a parameter and never span two FSDP units).
     bucket_params: int = 200_000_000
 
@@ -127,6 +131,8 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
     _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")
+    _check(f.state_format in ("fp32", "bf16-moments"), "offload.state_format", f.state_format,
+           "fp32 or bf16-moments")
     _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
     b = cfg.batch
     _check(b.micro_batch_size >= 1, "batch.micro_batch_size", b.micro_batch_size, "an integer >= 1")

@@ -44,6 +44,13 @@ class TrainConfig:
     out_dir: str = "runs/default"
     # Data order and preset initialisation (the engine has its own engine.seed).
     seed: int = 0
+    # Checkpoints into checkpoint_dir ("" = <out_dir>/checkpoints): every save_every steps (0: only at the
+    # end and on SIGTERM/SIGINT), keeping the newest keep_checkpoints (0: all).
+    checkpoint_dir: str = ""
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    # "auto": the newest checkpoint that verifies (a fresh start if none); a tag; "": never resume.
+    resume: str = ""
     engine: EngineConfig = field(default_factory=_default_engine)
 
 
@@ -62,6 +69,8 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     _check(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", cfg.peak_tflops,
            "null (the built-in table) or a number > 0")
     _check(bool(cfg.out_dir), "out_dir", cfg.out_dir, "a directory path")
+    _check(cfg.save_every >= 0, "save_every", cfg.save_every, "0 (at the end only) or an integer >= 1")
+    _check(cfg.keep_checkpoints >= 0, "keep_checkpoints", cfg.keep_checkpoints, "0 (keep all) or an integer >= 1")
     try:
         validate(cfg.engine)
     except ConfigError as e:

@@ -83,6 +83,8 @@ class OffloadPipeline:
         self.speculate = speculate
         self._native = native  # heavylift's CPU kernel module, or None: torch's fused kernel
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
+        # compact moments (bf16) can only be stepped by the native kernel, in place too
+        self._compact = any(b.on_host and b.flats["exp_avg"].dtype != torch.float32 for b in buckets)
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
@@ -308,11 +310,18 @@ class OffloadPipeline:
         for s in slots:
             hp = self._step_hypers[self._group_of_slot(s)]
             dst = s.back if into_back else (s.master, s.exp_avg, s.exp_avg_sq)
-            self._native.adamw_step(s.master, s.exp_avg, s.exp_avg_sq, s.grad, *dst, hp.lr, hp.beta1, hp.beta2,
+            kernel = (self._native.adamw_step if s.exp_avg.dtype == torch.float32
+                      else self._native.adamw_step_bf16_moments)
+            kernel(s.master, s.exp_avg, s.exp_avg_sq, s.grad, *dst, hp.lr, hp.beta1, hp.beta2,
                                     hp.eps, hp.weight_decay, int(s.step) + 1, grad_mul)
 
     def _step_slots(self, slots: list[Slot], inv_scale: float, coef: float) -> None:
         """Unscale, clip (in place, as clip_grad_norm_ does) and AdamW-step the given slots."""
+        if slots and slots[0].exp_avg.dtype != torch.float32:
+            self._native_step(slots, inv_scale * coef, into_back=False)
+            for s in slots:
+                s.step += 1
+            return
         grads = [s.grad for s in slots]
         if inv_scale != 1.0:
             torch._foreach_mul_(grads, inv_scale)

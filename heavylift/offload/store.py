@@ -65,6 +65,7 @@ def allocate_bucket(
     snapshot: bool,
     tail: bool = False,
     double_buffer: bool = False,
+    moment_dtype: torch.dtype = torch.float32,
 ) -> BucketState:
     """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard).
 
@@ -75,21 +76,22 @@ def allocate_bucket(
     if on_host:
         state_device = torch.device("cpu")
 
-    def buf(pinned: bool) -> Tensor:
+    def buf(pinned: bool, dtype: torch.dtype = torch.float32) -> Tensor:
         if pinned and on_host:
             return pinned_zeros(n)
-        return torch.zeros(n, dtype=torch.float32, device=state_device)
+        return torch.zeros(n, dtype=dtype, device=state_device)
 
+    mdt = moment_dtype if on_host else torch.float32  # the GPU tail keeps fp32 moments
     flats = {
         "master": buf(pin),
-        "exp_avg": buf(False),
-        "exp_avg_sq": buf(False),
+        "exp_avg": buf(False, mdt),
+        "exp_avg_sq": buf(False, mdt),
         "grad": buf(pin),
     }
     if snapshot and on_host:
-        flats.update(snap_master=buf(False), snap_exp_avg=buf(False), snap_exp_avg_sq=buf(False))
+        flats.update(snap_master=buf(False), snap_exp_avg=buf(False, mdt), snap_exp_avg_sq=buf(False, mdt))
     if double_buffer and on_host:
-        flats.update(master_b=buf(pin), exp_avg_b=buf(False), exp_avg_sq_b=buf(False))
+        flats.update(master_b=buf(pin), exp_avg_b=buf(False, mdt), exp_avg_sq_b=buf(False, mdt))
     bucket = BucketState(spec, state_device, tail=tail, flats=flats)
     off = 0
     for p, shape in zip(spec.params, shapes, strict=True):

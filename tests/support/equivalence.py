@@ -38,6 +38,7 @@ class Case:
     activation_checkpointing: bool = False
     lr: float = 3e-3
     kernel: str = "auto"
+    state_format: str = "fp32"
     bucket_params: int = 200_000_000
     grow_tail_at: int = -1  # before this optimizer step, move 2 host buckets to the tail
     extra: dict = field(default_factory=dict)
@@ -72,6 +73,7 @@ def engine_config(case: Case) -> EngineConfig:
     ec.offload.speculate = case.speculate
     ec.offload.bucket_params = case.bucket_params
     ec.offload.kernel = case.kernel
+    ec.offload.state_format = case.state_format
     ec.activation_checkpointing = case.activation_checkpointing
     return ec
 
@@ -105,6 +107,7 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
     ec = engine_config(case)
     model = tiny_model(unused=case.unused_param)
     ref = copy.deepcopy(model)
+    initial = {n: p.detach().clone() for n, p in ref.named_parameters()}
     flag = {"on": False}
     for m in (model, ref):
         m.model.layers[0].mlp.register_forward_hook(_nan_hook(flag))
@@ -150,6 +153,10 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
         st = ropt.state.get(p)
         if st:
             out["max_avg_diff"] = max(out["max_avg_diff"], (moments[n][0] - st["exp_avg"]).abs().max().item())
+            out.setdefault("update_sq", 0.0)
+            out.setdefault("update_err_sq", 0.0)
+            out["update_sq"] += (p.detach() - initial[n]).double().square().sum().item()
+            out["update_err_sq"] += (master[n] - p.detach()).double().square().sum().item()
             den = st["exp_avg_sq"].abs().max().item() or 1.0
             out["max_avg_sq_rel"] = max(out["max_avg_sq_rel"],
                                         (moments[n][1] - st["exp_avg_sq"]).abs().max().item() / den)
@@ -161,6 +168,7 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
     if state_before is not None:
         out["skip_bit_identical"] = all(torch.equal(a, b) for a, b in zip(state_before, state_after_skip))
     out["stats"] = dict(engine.pipeline.stats)
+    out["rel_update_error"] = (out.get("update_err_sq", 0.0) / max(out.get("update_sq", 0.0), 1e-300)) ** 0.5
     out["lr_equal"] = [g["lr"] for g in engine.optimizer.param_groups] == [g["lr"] for g in ropt.param_groups]
     engine.close()
     return out

@@ -68,3 +68,26 @@ def test_python_m_heavylift_exit_code(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"heavylift: error: {bad}:2: not valid JSON (Expecting value at column 1)"]
+
+
+def test_train_saves_resumes_and_exports(tmp_path, capsys):
+    """save_every writes checkpoints; --resume auto continues from the newest; export gives a HF model."""
+    out = tmp_path / "run"
+    common = ["--model", "tiny", "--seq_len", "128", "--out_dir", str(out), "--engine.precision.dtype", "fp32",
+              "--save_every", "2", "--keep_checkpoints", "2"]
+    assert main(["train", *common, "--max_steps", "4"]) == 0
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-2", "step-4"]
+    capsys.readouterr()
+    assert main(["train", *common, "--max_steps", "6", "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed" in printed and "at step 4" in printed
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps[-2:] == [5, 6]
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-4", "step-6"]
+    assert main(["export", str(ckpts / "step-6"), str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert sum(p.numel() for p in model.parameters()) > 0

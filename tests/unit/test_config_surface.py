@@ -10,6 +10,7 @@ from heavylift.config.train import TrainConfig
 KEYS = [
     "model", "tokenizer", "train_data", "eval_data", "data_format", "eval_fraction", "seq_len", "overlong",
     "max_steps", "epochs", "eval_every", "log_every", "peak_tflops", "out_dir", "seed",
+    "checkpoint_dir", "save_every", "keep_checkpoints", "resume",
     "engine.optim.lr", "engine.optim.betas", "engine.optim.eps", "engine.optim.weight_decay",
     "engine.optim.max_grad_norm", "engine.optim.no_decay",
     "engine.schedule.kind", "engine.schedule.warmup_steps", "engine.schedule.total_steps",
@@ -18,10 +19,11 @@ KEYS = [
     "engine.precision.loss_scale_window", "engine.precision.hysteresis", "engine.precision.min_loss_scale",
     "engine.offload.device", "engine.offload.pin_memory", "engine.offload.ratio", "engine.offload.cpu_threads",
     "engine.offload.speculate", "engine.offload.bucket_params", "engine.offload.kernel",
+    "engine.offload.state_format",
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
     "engine.activation_checkpointing", "engine.seed",
 ]
-SUBCOMMANDS = {"train", "report", "estimate"}
+SUBCOMMANDS = {"train", "report", "estimate", "export"}
 
 
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:

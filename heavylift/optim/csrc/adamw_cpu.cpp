@@ -95,9 +95,83 @@ void adamw_step(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor
   });
 }
 
+// bf16 moments: m and v are stored as bfloat16 (round to nearest even), computed in fp32. 20 bytes per
+// parameter of traffic instead of 28, 4 fewer bytes of host memory per parameter per buffer set.
+inline float bf16_load(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t bf16_store(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  // branch-free (so the loop vectorizes); NaN becomes 0x7fc0 as in c10::BFloat16
+  return static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded) >> 16);
+}
+
+void check_bf16(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(),
+              what, " must be a contiguous bfloat16 CPU tensor");
+  TORCH_CHECK(t.numel() == n, what, " has ", t.numel(), " elements, expected ", n);
+}
+
+void adamw_step_bf16_moments(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor& v_in,
+                             const at::Tensor& grad, const at::Tensor& p_out, const at::Tensor& m_out,
+                             const at::Tensor& v_out, double lr, double beta1, double beta2, double eps,
+                             double weight_decay, int64_t step, double grad_mul) {
+  const int64_t n = grad.numel();
+  check(p_in, n, "p_in"); check(grad, n, "grad"); check(p_out, n, "p_out");
+  check_bf16(m_in, n, "m_in"); check_bf16(v_in, n, "v_in"); check_bf16(m_out, n, "m_out"); check_bf16(v_out, n, "v_out");
+  TORCH_CHECK(step >= 1, "step counts from 1");
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const float step_size = static_cast<float>(lr / bc1);
+  const float decay = static_cast<float>(1.0 - lr * weight_decay);
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float c1 = static_cast<float>(1.0 - beta1), c2 = static_cast<float>(1.0 - beta2);
+  const float bc2s = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  const float epsf = static_cast<float>(eps), gm = static_cast<float>(grad_mul);
+  const bool scale = grad_mul != 1.0, decays = weight_decay != 0.0;
+  const float* pi = p_in.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  float* po = p_out.data_ptr<float>();
+  const uint16_t* mi = reinterpret_cast<const uint16_t*>(m_in.data_ptr<at::BFloat16>());
+  const uint16_t* vi = reinterpret_cast<const uint16_t*>(v_in.data_ptr<at::BFloat16>());
+  uint16_t* mo = reinterpret_cast<uint16_t*>(m_out.data_ptr<at::BFloat16>());
+  uint16_t* vo = reinterpret_cast<uint16_t*>(v_out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, 1 << 14, [=](int64_t begin, int64_t end) {
+    // locals (captured by value, pointers restrict) so the compiler can vectorize the loop; in place
+    // (p_out == p_in) is still sound: every element is read before it is written, at the same index
+    const float* __restrict__ g_ = g;
+    const float* __restrict__ pi_ = pi;
+    float* __restrict__ po_ = po;
+    const uint16_t* __restrict__ mi_ = mi;
+    const uint16_t* __restrict__ vi_ = vi;
+    uint16_t* __restrict__ mo_ = mo;
+    uint16_t* __restrict__ vo_ = vo;
+    const float gmul = scale ? gm : 1.0f, dec = decays ? decay : 1.0f;
+#pragma omp simd
+    for (int64_t d = begin; d < end; ++d) {
+      const float gv = g_[d] * gmul;
+      const float pv = pi_[d] * dec;
+      const float mv = bf16_load(mi_[d]) * b1 + gv * c1;
+      const float vv = bf16_load(vi_[d]) * b2 + gv * gv * c2;
+      const float denom = __builtin_sqrtf(vv) / bc2s + epsf;
+      po_[d] = pv - step_size * mv / denom;
+      mo_[d] = bf16_store(mv);
+      vo_[d] = bf16_store(vv);
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adamw_step", &adamw_step, "out-of-place fused AdamW step (fp32)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("adamw_step_bf16_moments", &adamw_step_bf16_moments,
+        "out-of-place fused AdamW step, fp32 master and gradient, bf16 moments",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,95 @@
+"""heavylift under torchrun on CPU (gloo): rendezvous, core planning, sharding and one optimizer step.
+
+One node with 2 and with 4 ranks (`--standalone`), and two "nodes" on this machine (two launchers,
+`--nnodes 2 --node-rank 0|1 --rdzv-endpoint`), the multi-node path of docs/multinode.md. Every rank
+must agree on the losses and the master weights, and they must be the unsharded reference's.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, nnodes: int, nproc: int, bind: str) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               HEAVYLIFT_BIND_CORES=bind, HEAVYLIFT_COLLECTIVE_TIMEOUT_S="60")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = [os.path.join(HERE, "torchrun_step.py"), os.path.dirname(HERE), str(tmp_path)]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if nnodes == 1:
+        cmds = [run + ["--standalone", "--nnodes", "1"] + script]
+    else:
+        endpoint = f"127.0.0.1:{_free_port()}"
+        cmds = [run + ["--nnodes", str(nnodes), "--node-rank", str(n), "--rdzv-endpoint", endpoint] + script
+                for n in range(nnodes)]
+    procs = [subprocess.Popen(c, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c in cmds]
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-6000:]
+    world = nnodes * nproc
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    assert [r["rank"] for r in reports] == list(range(world))
+    assert all(r["world"] == world and r["local_rank"] == r["rank"] % nproc for r in reports)
+    assert [r["torchrun_env"]["GROUP_RANK"] for r in reports] == [str(r // nproc) for r in range(world)]
+    assert all(r["torchrun_env"]["LOCAL_WORLD_SIZE"] == str(nproc) for r in reports)
+    # Every rank: the same losses, the same gathered master weights, the same norm.
+    assert len({json.dumps(r["losses"]) for r in reports}) == 1
+    assert len({r["master_sha256"] for r in reports}) == 1
+    assert len({r["grad_norm"] for r in reports}) == 1
+    # ... and they are the unsharded reference's: rank r's loss is the reference's on batch r before the
+    # step, and the weights after it are torch AdamW's (to the suite's tolerance: support/tolerance.py).
+    r0 = reports[0]
+    assert all(abs(a - b) <= 1e-5 * max(abs(b), 1) for a, b in zip(r0["losses"], r0["ref_losses"])), r0
+    assert r0["max_param_diff"] <= r0["lr"] * 1e-4, r0
+    assert len(set(r0["losses"])) == world  # really different batches
+    return reports
+
+
+def _check_bound(reports: list[dict]) -> None:
+    """Bound by init_dist: pairwise disjoint CPU sets, each the planner's own answer."""
+    sets = [set(r["affinity"]) for r in reports]
+    assert sum(len(s) for s in sets) == len(set().union(*sets))
+    assert all(r["bound_how"] == "split" and r["affinity"] == r["plan"]["cpus"] for r in reports)
+    assert all(r["cpu_threads"] == r["plan"]["worker_threads"] >= 1 for r in reports)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])  # on the 2-core CI machine: 2 ranks bound, 4 refused binding
+def test_torchrun_one_node(tmp_path, nproc):
+    cpus = len(os.sched_getaffinity(0))
+    reports = _launch(tmp_path, 1, nproc, "auto" if cpus >= nproc else "off")
+    if cpus >= nproc:
+        _check_bound(reports)
+    else:  # too few cores: every rank gets the same clear error from the planner, none hangs
+        errors = {r["plan_error"] for r in reports}
+        assert len(errors) == 1 and "--nproc-per-node" in errors.pop()
+        assert all(r["bound_how"] == "unbound" for r in reports)
+
+
+def test_torchrun_two_nodes_on_one_machine(tmp_path):
+    """--nnodes 2 --node-rank 0|1 --rdzv-endpoint: the rendezvous across launchers, a world of 2; the
+    core planner sees one machine with both launchers' ranks and splits its cores between them."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPU cores")
+    _check_bound(_launch(tmp_path, 2, 1, "auto"))
