@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import heavylift
-from support.equivalence import Case, batches, engine_config, gather_moments, tiny_model
+from support.equivalence import Case, batches, engine_config, gather_moments, snapshot_state, tiny_model
 
 DATA_RANKS = 2
 CASE = Case("checkpoint", max_norm=1.0, weight_decay=0.1, schedule="warmup_cosine", steps=8, grad_accum=2,
@@ -45,13 +45,7 @@ def full_state(engine) -> dict:
 
 def local_state(engine) -> list[torch.Tensor]:
     """This rank's state tensors and device shards, copied (for bitwise comparisons)."""
-    engine.pipeline.wait_all()
-    out = []
-    for b in engine.buckets:
-        for s in b.slots:
-            out += [s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone(),
-                    s.device_param.to_local().detach().clone()]
-    return out
+    return snapshot_state(engine)
 
 
 def max_differences(a: dict, b: dict) -> dict:

@@ -15,9 +15,9 @@
 
 namespace {
 
-void check(const at::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              what, " must be a contiguous float32 CPU tensor");
+void check(const at::Tensor& t, int64_t n, const char* what, at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
+              what, " must be a contiguous ", c10::toString(dtype), " CPU tensor");
   TORCH_CHECK(t.numel() == n, what, " has ", t.numel(), " elements, expected ", n);
 }
 
@@ -112,19 +112,15 @@ inline uint16_t bf16_store(float f) {
   return static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded) >> 16);
 }
 
-void check_bf16(const at::Tensor& t, int64_t n, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(),
-              what, " must be a contiguous bfloat16 CPU tensor");
-  TORCH_CHECK(t.numel() == n, what, " has ", t.numel(), " elements, expected ", n);
-}
-
 void adamw_step_bf16_moments(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor& v_in,
                              const at::Tensor& grad, const at::Tensor& p_out, const at::Tensor& m_out,
                              const at::Tensor& v_out, double lr, double beta1, double beta2, double eps,
                              double weight_decay, int64_t step, double grad_mul) {
   const int64_t n = grad.numel();
   check(p_in, n, "p_in"); check(grad, n, "grad"); check(p_out, n, "p_out");
-  check_bf16(m_in, n, "m_in"); check_bf16(v_in, n, "v_in"); check_bf16(m_out, n, "m_out"); check_bf16(v_out, n, "v_out");
+  for (auto [t, what] : {std::pair{&m_in, "m_in"}, {&v_in, "v_in"}, {&m_out, "m_out"}, {&v_out, "v_out"}}) {
+    check(*t, n, what, at::kBFloat16);
+  }
   TORCH_CHECK(step >= 1, "step counts from 1");
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const float step_size = static_cast<float>(lr / bc1);
