@@ -20,6 +20,8 @@ from torch import nn
 from heavylift.config.errors import ConfigError
 from heavylift.config.schema import EngineConfig, validate
 from heavylift.dist.env import DistEnv, init_dist
+from heavylift.dist.guard import guarded
+from heavylift.models.loss import chunked_causal_lm_loss
 from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes
@@ -69,8 +71,14 @@ def _coerce_config(config: EngineConfig | dict | str | None) -> EngineConfig:
 
 
 def auto_cpu_threads() -> int:
-    """Optimizer threads for this rank: its share of the allowed cores, less two for the training
-    thread and the copy launches (measured: all cores for AdamW slows it under load)."""
+    """Optimizer threads for this rank: its bound physical cores (heavylift.dist.cores) less one more
+    for the copy launches (measured on the H100 box: 14 threads beat 16 under load); unbound, its share
+    of the allowed cores less two."""
+    from heavylift.dist.cores import current_plan
+
+    plan = current_plan()
+    if plan is not None and plan.how != "unbound":
+        return max(plan.worker_threads - 1, 1)
     cores = len(os.sched_getaffinity(0))
     per_rank = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(per_rank - 2, 1)
@@ -103,6 +111,8 @@ class Engine:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if hasattr(model, "config"):
                 model.config.use_cache = False
+        if cfg.loss_chunk_tokens and isinstance(getattr(type(model), "loss_function", None), property):
+            model.loss_function = chunked_causal_lm_loss(cfg.loss_chunk_tokens)  # transformers' public setter
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         unit_of = {}
         for u, block in enumerate(blocks):
@@ -337,7 +347,8 @@ class Engine:
                     pad = torch.zeros((chunk, *local.shape[1:]), dtype=local.dtype, device=self.device)
                     pad[: local.shape[0]] = local.to(self.device)
                     parts = [torch.empty_like(pad) for _ in range(world)]
-                    dist.all_gather(parts, pad)
+                    with guarded("master-weights all-gather", device=self.device):
+                        dist.all_gather(parts, pad)
                     local = torch.cat([t.to("cpu") for t in parts])[:rows]
                 out[slot.spec.name] = local.reshape(full_shape).clone()
         return out

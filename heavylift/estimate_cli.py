@@ -1,7 +1,7 @@
 """``heavylift estimate``: bytes per tier per rank, whether it fits, and the step-time floor.
 
     heavylift estimate --model PRESET|DIR [--gpus N] [--nodes K] [--seq S] [--mbs B] [--accum A]
-                       [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format fp32]
+                       [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format fp32|bf16-moments]
                        [--gpu-mem-gib G] [--host-mem-gib H]
                        [--gpu-tflops F] [--cpu-params-per-s R] [--link-gbs W]
 
@@ -35,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ac", action="store_true", help="activation checkpointing off")
     p.add_argument("--no-speculate", action="store_true", help="engine.offload.speculate false (no snapshot)")
     p.add_argument("--no-pin", action="store_true", help="engine.offload.pin_memory false")
-    p.add_argument("--state-format", default="fp32", help="host optimizer state format (only fp32 exists)")
+    p.add_argument("--state-format", default="fp32", help="host optimizer state format (offload.state_format: fp32 or bf16-moments)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=8192,
+                   help="engine.loss_chunk_tokens (0: the model's own fp32-logits loss)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="describe a machine: memory per GPU")
     p.add_argument("--host-mem-gib", type=float, default=None, help="describe a machine: host RAM per node")
@@ -55,6 +57,7 @@ def run(argv: list[str]) -> int:
             raise HeavyliftError(f"estimate: --{key.replace('_', '-')} must be > 0, not {value}")
     setup = Setup(gpus_per_node=a.gpus, nodes=a.nodes, seq=a.seq, mbs=a.mbs, accum=a.accum,
                   activation_checkpointing=not a.no_ac, state_format=a.state_format, speculate=not a.no_speculate,
+                  loss_chunk_tokens=a.loss_chunk_tokens,
                   tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2)
     from heavylift.memory import _check_setup
     _check_setup(setup)  # bad numbers fail before the model is read or anything is probed

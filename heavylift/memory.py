@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from heavylift.config.errors import HeavyliftError
 
 GiB = 1024**3
-STATE_FORMATS = {"fp32": 16}  # host bytes/param incl. gradient slot; pinned part is 8 (master + grad)
+STATE_FORMATS = {"fp32": 16, "bf16-moments": 12}  # host bytes/param incl. gradient slot; pinned: 8 (master + grad)
 SNAPSHOT_BYTES = 12
 TAIL_BYTES = 16
 PINNED_BYTES = 8
@@ -188,6 +188,8 @@ class Setup:
     dtype_bytes: int = 2  # compute dtype of the GPU weights: 2 for bf16/fp16, 4 for fp32
     pin: bool = True  # pinned transfer buffers (the engine pins when CUDA exists and offload.pin_memory)
     load_bytes: int = 4  # bytes/param of the model each rank holds on the CPU while the engine is built
+    # engine.loss_chunk_tokens: 0 is the model's own loss (fp32 logits for the whole batch)
+    loss_chunk_tokens: int = 8192
 
     @property
     def world(self) -> int:
@@ -332,7 +334,10 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
         stored = shape.layers * tokens * (saved + 2 * h)
         block_run = tokens * work
     final_norm = tokens * h * 10  # last block output, fp32 copy, normalized input of the head
-    loss = tokens * shape.vocab * 12
+    if setup.loss_chunk_tokens:  # bf16 logits and their gradient, fp32 work for one chunk (not yet measured)
+        loss = tokens * shape.vocab * 4 + min(setup.loss_chunk_tokens, tokens) * shape.vocab * 12
+    else:
+        loss = tokens * shape.vocab * 12
     root_gathered = db * root
     gathered_block = (2 * db + db + 4) * blk  # weights + prefetched next + bf16 grad + fp32 reduce-scatter input
     staging = 2 * 4 * max((b.numel for b in host_buckets), default=0)
@@ -340,7 +345,9 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     loss_phase = {**common, "gathered root unit (embeddings/head)": root_gathered,
                   "activations: stored block inputs" if setup.activation_checkpointing else
                   "activations: every block": stored,
-                  "activations: final norm": final_norm, "loss: 3 x fp32 [tokens, vocab]": loss}
+                  "activations: final norm": final_norm,
+                  ("loss: bf16 logits + grad, fp32 chunk" if setup.loss_chunk_tokens else
+                   "loss: 3 x fp32 [tokens, vocab]"): loss}
     block_phase = {**common, "gathered root unit + its unsharded grad": 2 * root_gathered,
                    "activations: stored block inputs" if setup.activation_checkpointing else
                    "activations: every block": stored,
@@ -356,7 +363,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     pinned = PINNED_BYTES * host_params  # exact: the store page-locks its own buffers (offload/pinned.py)
     pageable = (state_bytes - PINNED_BYTES) * host_params
     load = setup.load_bytes * shape.params
-    snapshot = SNAPSHOT_BYTES * host_params
+    snapshot = (4 + state_bytes - PINNED_BYTES) * host_params  # second master + moments (12 B/param for fp32)
     speculate = setup.speculate
     avail = machine.host_available_bytes
     notes: list[str] = []
@@ -657,7 +664,8 @@ def setup_for_train(cfg, cuda: bool) -> Setup:
                  accum=e.batch.grad_accum, activation_checkpointing=e.activation_checkpointing,
                  speculate=e.offload.speculate, tail_ratio=None if e.offload.ratio is None else 1.0 - e.offload.ratio,
                  bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
-                 pin=e.offload.pin_memory and cuda, load_bytes=4)
+                 pin=e.offload.pin_memory and cuda, load_bytes=4, loss_chunk_tokens=e.loss_chunk_tokens,
+                 state_format=e.offload.state_format)
 
 
 def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:

@@ -25,7 +25,10 @@ from heavylift.trainer import EvalResult, evaluate, train
 def run(cfg: TrainConfig) -> dict:
     """Fine-tune as ``cfg`` says; prints held-out loss before and after; returns (and saves) a summary."""
     validate_train(cfg)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from heavylift.dist.env import init_dist
+
+    env = init_dist()  # process group and this rank's CPU cores, before any model or thread pool
+    rank, world = env.rank, env.world_size
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     from heavylift.memory import check_train

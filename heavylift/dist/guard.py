@@ -84,7 +84,9 @@ def collective_error(phase: str, kind: str, elapsed_s: float, group=None, limit_
     else:
         what = (f"lost contact with another rank after {elapsed_s:.0f} s in '{phase}' — another rank probably "
                 "died; check its log for the first error")
-    detail = f" [{type(cause).__name__}: {str(cause).splitlines()[0][:200]}]" if cause is not None and str(cause) else ""
+    detail = ""
+    if cause is not None and str(cause).strip():
+        detail = f" [{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]}]"
     return HeavyliftError(f"rank {rank}/{world}: {what}{detail}")
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from heavylift.dist.cores import current_plan, pin_current_thread
+from heavylift.dist.guard import guarded
 from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
 from heavylift.optim.adamw import AdamWHyper, adamw_step_, clip_coefficient, sum_of_squares
 
@@ -177,7 +179,8 @@ class OffloadPipeline:
             torch.cuda.current_stream(self.device).wait_stream(self._d2h)
         total = torch.stack(sums).sum() if sums else torch.zeros((), device=self.device)
         if dist.get_world_size(self._pg) > 1:
-            dist.all_reduce(total, group=self._pg)
+            with guarded("grad-norm all-reduce", self._pg, self.device):
+                dist.all_reduce(total, group=self._pg)
         total_sq = float(total)
         found_inf = not math.isfinite(total_sq)
         norm = math.sqrt(total_sq) * self.inv_scale if not found_inf else float("inf")
@@ -225,6 +228,9 @@ class OffloadPipeline:
     # ---- worker thread ----------------------------------------------------------------------------
     @torch.no_grad()
     def _work(self) -> None:
+        plan = current_plan()
+        if plan is not None and plan.how != "unbound":
+            pin_current_thread(plan.worker_cpus)  # off the training thread's core
         if self._cpu_threads > 0:
             torch.set_num_threads(self._cpu_threads)
         while True:

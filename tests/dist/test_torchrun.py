@@ -40,12 +40,14 @@ def _launch(tmp_path, nnodes: int, nproc: int, bind: str) -> list[dict]:
                 for n in range(nnodes)]
     procs = [subprocess.Popen(c, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
+    outs = []
     try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    except subprocess.TimeoutExpired:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail("torchrun timed out:\n" + "\n----\n".join(o[-4000:] for o in outs))
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-6000:]
     world = nnodes * nproc

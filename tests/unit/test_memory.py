@@ -33,7 +33,7 @@ def test_shapes(bench_shape, tiny):
 
 
 def test_tiny_bytes_per_tier(tiny):
-    s = Setup(seq=256, mbs=2, tail_ratio=0.0, speculate=True, pin=False, load_bytes=4)
+    s = Setup(seq=256, mbs=2, tail_ratio=0.0, speculate=True, pin=False, load_bytes=4, loss_chunk_tokens=0)
     p = plan(tiny, s, Machine(host_available_bytes=16 * GiB))
     P = tiny.params
     assert p.host_params == P and p.tail_params == 0
@@ -50,9 +50,10 @@ def test_tiny_bytes_per_tier(tiny):
 
 
 def test_scaling_with_world_size_and_tail(bench_shape):
-    base = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0), H200)
-    two = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, gpus_per_node=2), H200)
-    four = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, gpus_per_node=2, nodes=2), H200)
+    base = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, loss_chunk_tokens=0), H200)
+    two = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, gpus_per_node=2, loss_chunk_tokens=0), H200)
+    four = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, gpus_per_node=2, nodes=2, loss_chunk_tokens=0),
+                H200)
     P = bench_shape.params
     assert base.host_params == P
     for p, n in ((two, 2), (four, 4)):
@@ -80,14 +81,15 @@ def test_scaling_with_world_size_and_tail(bench_shape):
 def test_calibration_qwen3_4b_shape(bench_shape, tail_ratio, speculate, gpu_gib, host_gib):
     """benchmarks/results/2026-11-28-h200-first: measured peak GPU (max_memory_allocated) and host RSS of
     step_bench.py (which builds the model in bf16 on the host: load_bytes 2)."""
-    p = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2), H200)
+    p = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2,
+                                loss_chunk_tokens=0), H200)  # those runs used the stock loss
     assert p.gpu_peak / GiB == pytest.approx(gpu_gib, rel=0.10)
     # Those runs pinned through PyTorch's caching host allocator, which rounded each 4 B/param bucket
     # buffer (master, gradient slot) up to a power of two; the store now page-locks exact sizes.
     from heavylift.memory import _buckets, _pow2, _tail_ratio
     from heavylift.offload.buckets import split_tail
 
-    setup = Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2)
+    setup = Setup(seq=4096, mbs=4, tail_ratio=tail_ratio, speculate=speculate, load_bytes=2, loss_chunk_tokens=0)
     buckets = _buckets(bench_shape, setup)
     host_buckets = buckets[: split_tail(buckets, _tail_ratio(bench_shape, setup, H200))]
     waste = sum(2 * (_pow2(4 * b.numel) - 4 * b.numel) for b in host_buckets)
@@ -107,7 +109,8 @@ def test_cli_table(capsys):
 
 def test_cli_does_not_fit_names_what_would(capsys):
     rc = main(["estimate", "--model", "qwen3-4b", "--seq", "16384", "--mbs", "4", "--gpu-mem-gib", "80",
-               "--host-mem-gib", "64", "--gpu-tflops", "700", "--cpu-params-per-s", "4e9", "--link-gbs", "50"])
+               "--host-mem-gib", "64", "--gpu-tflops", "700", "--cpu-params-per-s", "4e9", "--link-gbs", "50",
+               "--loss-chunk-tokens", "0"])
     out = capsys.readouterr().out
     assert rc == 0 and "GPU no" in out and "host no" in out and "to fit:" in out
     assert "micro-batch" in out and "sequence length" in out and "nodes" in out
@@ -161,3 +164,11 @@ def test_preflight_pinned_limit():
     m = Machine(gpu_total_bytes=80 * GiB, host_available_bytes=64 * GiB, memlock_bytes=64 * 1024, has_cuda=True)
     with pytest.raises(HeavyliftError, match="ulimit -l"):
         check_train(cfg, machine=m)
+
+
+def test_chunked_loss_lowers_the_loss_phase(bench_shape):
+    stock = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, loss_chunk_tokens=0), H200)
+    chunked = plan(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0, loss_chunk_tokens=8192), H200)
+    tokens, vocab = 4 * 4096, bench_shape.vocab
+    assert stock.gpu_phases["loss"] - chunked.gpu_phases["loss"] == 12 * tokens * vocab - (
+        4 * tokens * vocab + 12 * 8192 * vocab)
