@@ -25,7 +25,7 @@ from heavylift.trainer import EvalResult, evaluate, train
 def run(cfg: TrainConfig) -> dict:
     """Fine-tune as ``cfg`` says; prints held-out loss before and after; returns (and saves) a summary."""
     validate_train(cfg)
-    from heavylift.dist.env import init_dist
+    from heavylift.dist.env import init_dist, shutdown
 
     env = init_dist()  # process group and this rank's CPU cores, before any model or thread pool
     rank, world = env.rank, env.world_size
@@ -80,6 +80,8 @@ def run(cfg: TrainConfig) -> dict:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.close()
     engine.close()
+    if world > 1:
+        shutdown()
     return summary
 
 

@@ -65,3 +65,13 @@ def init_dist() -> DistEnv:
     cores = bind_cores(rank, local_rank, gpu_index=local_rank if use_cuda else None)
     mesh = init_device_mesh(device.type, (world,))
     return DistEnv(rank, world, local_rank, device, mesh, cores)
+
+
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then destroy it. A rank that exits while another
+    still holds gloo connections to it (rank 0 hosts the rendezvous store) can make the other abort at
+    exit ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -69,6 +69,9 @@ def _worker(rank: int, world: int, port: int, tmp: str, tests_dir: str) -> None:
     shards = {k: local_shard(v, rank, world) for k, v in _uneven_values().items()}
     dcp.save(_uneven_state(engine.env.mesh, shards), checkpoint_id=f"{tmp}/uneven")
     engine.close()
+    from heavylift.dist.env import shutdown
+
+    shutdown()
 
 
 def test_resume_across_world_sizes(tmp_path):

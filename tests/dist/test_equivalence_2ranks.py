@@ -37,6 +37,9 @@ def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str) -> 
         torch.save(masters, out_path + ".meta.pt")
         with open(out_path, "w") as f:
             json.dump(results, f)
+    from heavylift.dist.env import shutdown
+
+    shutdown()
 
 
 @pytest.fixture(scope="module")

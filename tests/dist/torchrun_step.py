@@ -62,6 +62,8 @@ if rank == 0:  # the unsharded reference: torch AdamW on the mean of the ranks' 
     report["lr"] = case.lr
 
 engine.close()
-dist.destroy_process_group()
+from heavylift.dist.env import shutdown  # noqa: E402
+
+shutdown()
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(report, f)
