@@ -3,6 +3,7 @@
     heavylift train [--config run.yaml|run.toml] [--deepspeed ds.json] [--dotted.key value ...]
     heavylift report RUN_DIR     (plots RUN_DIR/metrics.jsonl into loss.png and throughput.png there)
     heavylift export CKPT OUT_DIR [--dtype bf16]   (a checkpoint as a HF safetensors model directory)
+    heavylift bench --peers-dir DIR [--model qwen3-4b]   (on a GPU box: ceilings, heavylift, peers; one table)
     heavylift estimate --model PRESET|DIR [--gpus N] ...   (memory per tier, fits or not, step-time floor)
 
 Precedence, lowest first: built-in defaults (the embedded default run), the DeepSpeed JSON (replaces the
@@ -30,16 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", help="the out_dir of a `heavylift train` run")
     commands.add_parser("estimate", add_help=False, help="bytes per tier per rank, whether it fits, the step-time "
                         "floor (heavylift estimate --help)")
+    bench = commands.add_parser("bench", help="heavylift against the peers on this GPU box, one table")
+    from heavylift.benchmark.run import add_arguments as add_bench_arguments
+    add_bench_arguments(bench)
     export = commands.add_parser("export", help="write a checkpoint as a HF model directory (safetensors)")
     from heavylift.checkpoint.export_cli import add_arguments as add_export_arguments
     add_export_arguments(export)
     args, overrides = parser.parse_known_args(argv)
-    if args.command in ("report", "export") and overrides:
+    if args.command in ("report", "export", "bench") and overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         if args.command == "estimate":
             from heavylift.estimate_cli import run as run_estimate
             return run_estimate(overrides)
+        if args.command == "bench":
+            from heavylift.benchmark.run import run as run_bench
+            return run_bench(args)
         if args.command == "export":
             from heavylift.checkpoint.export_cli import run as run_export
             return run_export(args)

@@ -94,4 +94,13 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     core planner sees one machine with both launchers' ranks and splits its cores between them."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPU cores")
-    _check_bound(_launch(tmp_path, 2, 1, "auto"))
+    # Two launchers rendezvous on a port picked free and then released: another process can take it in
+    # between (seen once in a loaded full run). One retry on a fresh port; a real failure fails twice.
+    try:
+        reports = _launch(tmp_path, 2, 1, "auto")
+    except (AssertionError, pytest.fail.Exception) as first:
+        print(f"first two-node launch failed, retrying on a fresh port: {str(first)[-2000:]}")
+        retry = tmp_path / "retry"
+        retry.mkdir()
+        reports = _launch(retry, 2, 1, "auto")
+    _check_bound(reports)

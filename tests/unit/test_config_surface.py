@@ -23,7 +23,7 @@ KEYS = [
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
     "engine.activation_checkpointing", "engine.loss_chunk_tokens", "engine.seed",
 ]
-SUBCOMMANDS = {"train", "report", "estimate", "export"}
+SUBCOMMANDS = {"train", "report", "estimate", "export", "bench"}
 
 
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:

@@ -1,0 +1,88 @@
+"""``heavylift bench``: on the GPU box it runs on, in one run: the ceilings, heavylift, and the peers on
+the same model, tokens and settings; one table; JSON + markdown written under ``--out``.
+
+Each part runs in its own process (they must not share GPU or host memory), one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from heavylift.benchmark.peers import MODES, install_wheels, run_peer
+from heavylift.benchmark.table import assemble, markdown
+from heavylift.config.errors import HeavyliftError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="qwen3-4b", help="tiny, llama-1b, qwen3-4b, llama-8b (the harness's shapes)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--state-format", default="fp32")
+    p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
+    p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    p.add_argument("--peer-timeout", type=int, default=420)
+    p.add_argument("--out", default="benchmarks/results")
+
+
+def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise HeavyliftError(f"{' '.join(cmd[2:4])} failed (exit {proc.returncode}): "
+                             f"{(out.strip().splitlines() or ['no output'])[-1][:300]}")
+    return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")], out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run(a: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HeavyliftError("heavylift bench measures GPU training: run it on a machine with a CUDA GPU")
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    (ceilings,), _ = _json_lines([py, "-m", "heavylift.benchmark.ceilings"], 600)
+    steps, log = _json_lines([py, "-m", "heavylift.benchmark.step", "--model", a.model, "--seq", str(a.seq),
+                              "--mbs", str(a.mbs), "--accum", str(a.accum), "--clip", str(a.clip),
+                              "--steps", str(a.steps), "--state-format", a.state_format], 1200)
+    step = steps[0]
+    peers, notes, raw = {}, {}, {"heavylift": log}
+    wanted = [p for p in a.peers.split(",") if p]
+    if wanted and not a.peers_dir:
+        notes.update({p: "not run: no --peers-dir" for p in wanted})
+    elif wanted:
+        site = install_wheels(a.peers_dir)
+        for name in wanted:
+            if name not in MODES:
+                raise HeavyliftError(f"unknown peer {name!r}: use {', '.join(MODES)}")
+            peers[name], notes[name], raw[name] = run_peer(name, a.peers_dir, site, a.model, a.seq, a.mbs,
+                                                           a.steps, a.clip, a.peer_timeout)
+    card = ceilings["card"]
+    case = {"shape": a.model, "seq": a.seq, "micro_batch": a.mbs, "accumulation": a.accum, "clip": a.clip,
+            "state_format": a.state_format, "gpus": 1}
+    date = datetime.date.today().isoformat()
+    result = assemble(case, card, _commit(), date, ceilings, step, peers, {k: v for k, v in notes.items() if v})
+    stem = f"{date}-{a.model}-s{a.seq}x{a.mbs}-{card.replace(' ', '_')}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown(result))
+    (out_dir / f"{stem}.log").write_text("\n".join(f"=== {k}\n{v}" for k, v in raw.items()))
+    print(markdown(result))
+    return 0

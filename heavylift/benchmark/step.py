@@ -1,0 +1,209 @@
+"""heavylift's training step on one GPU, on the peers' reference work (Llama architecture, random init,
+bf16, activation checkpointing, AdamW), and the three parts of its floor, each measured alone:
+
+- forward+backward: the same engine with the optimizer switched off (every micro-step accumulates);
+- CPU optimizer: one AdamW pass over every host bucket, with the worker's kernel and thread count;
+- link: every host bucket's gradient down and master up, both at once, through the same pinned buffers.
+
+    python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --clip 1.0,0
+
+Prints one JSON line per clip setting (the same engine measures each in turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    # name: hidden, layers, ffn, heads, kv heads, vocab, tied (the anchor harness's shapes)
+    "tiny": (256, 4, 704, 8, 4, 1024, True),
+    "llama-1b": (2048, 16, 8192, 32, 8, 128256, True),
+    "qwen3-4b": (2560, 36, 9728, 32, 8, 151936, True),
+    "llama-8b": (4096, 32, 14336, 32, 8, 128256, False),
+}
+
+
+def build(name: str):
+    """The shape on the meta device: the engine draws its values unit by unit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, l, i, nh, kv, v, tie = SHAPES[name]
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=l, intermediate_size=i, num_attention_heads=nh,
+                      num_key_value_heads=kv, vocab_size=v, tie_word_embeddings=tie, max_position_embeddings=8192,
+                      attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return model, cfg
+
+
+def model_flops_per_token(cfg, nparams: int, seq: int) -> int:
+    """6N + 12·L·h·s (causal attention counted as the peers' harness does; recompute not counted)."""
+    return 6 * nparams + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
+
+
+def _batch(cfg, a) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device="cuda")
+
+
+def measure_steps(engine, cfg, a, clip: float) -> dict:
+    engine.config.optim.max_grad_norm = clip
+    spec0 = dict(engine.pipeline.stats)
+    times, waits, norms = [], [], []
+    for step in range(a.warmup + a.steps):
+        torch.cuda.synchronize()
+        w0, t = engine.pipeline.wait_seconds, time.perf_counter()
+        for _ in range(a.accum):
+            loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        torch.cuda.synchronize()
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t)
+            waits.append(engine.pipeline.wait_seconds - w0)
+            norms.append(engine.last_step.grad_norm)
+    engine.pipeline.wait_all()
+    return {"clip": clip, "step_s": statistics.median(times), "step_times": [round(x, 3) for x in times],
+            "forward_wait_s": statistics.median(waits), "grad_norms": norms,
+            "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0}}
+
+
+def fwd_bwd_alone(engine, cfg, a, reps: int = 3) -> float:
+    """Forward+backward with no optimizer step: micro-steps that never reach an accumulation boundary."""
+    engine.pipeline.wait_all()
+    saved = engine.config.batch.grad_accum
+    engine.config.batch.grad_accum = 1 << 30
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(a.accum):
+            loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
+            engine.backward(loss)
+            engine.micro_step += 1
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    for p in engine.module.parameters():
+        p.grad = None
+    engine.config.batch.grad_accum, engine.micro_step = saved, 0
+    return statistics.median(times)
+
+
+def cpu_optimizer_alone(engine) -> float:
+    """One AdamW pass over every host bucket's slots, in the worker's way, on a fresh thread (its own
+    thread count): the CPU part of a step with nothing else running."""
+    import threading
+
+    pipe = engine.pipeline
+    slots = [s for b in engine.buckets if b.on_host for s in b.slots]
+    pipe._step_hypers = {g: pipe._hypers(g) for g in pipe._groups}
+    out: dict[str, float] = {}
+
+    def run() -> None:
+        torch.set_num_threads(pipe._cpu_threads)
+        t = time.perf_counter()
+        if pipe._double_buffered:
+            pipe._native_step(slots, 1.0, into_back=True)  # writes the back buffers: state untouched
+        else:
+            snap = [(s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone()) for s in slots]
+            t = time.perf_counter()
+            pipe._step_slots(slots, 1.0, 1.0)
+            out["s"] = time.perf_counter() - t
+            for s, (p, m, v, st) in zip(slots, snap):
+                s.master.copy_(p), s.exp_avg.copy_(m), s.exp_avg_sq.copy_(v), s.step.copy_(st)
+            return
+        out["s"] = time.perf_counter() - t
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join()
+    return out["s"]
+
+
+def link_alone(engine) -> float:
+    """Every host bucket's gradient down (fp32) and master up (fp32, cast to the shard), concurrently."""
+    host = [b for b in engine.buckets if b.on_host]
+    if not host:
+        return 0.0
+    n = max(b.spec.numel for b in host)
+    dev = torch.empty(n, dtype=torch.float32, device="cuda")
+    down, up = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in host:
+        with torch.cuda.stream(down):
+            b.flats["grad"].copy_(dev[: b.spec.numel], non_blocking=True)
+        with torch.cuda.stream(up):
+            for s in b.slots:
+                s.device_param.to_local().copy_(s.master, non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen3-4b", choices=sorted(SHAPES))
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--clip", default="1.0", help="comma-separated clip values, one measured phase each (0: off)")
+    ap.add_argument("--speculate", type=int, default=1)
+    ap.add_argument("--ratio", type=float, default=-1.0, help="offload.ratio; < 0: automatic")
+    ap.add_argument("--state-format", default="fp32")
+    ap.add_argument("--kernel", default="auto")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    import heavylift
+    from heavylift.config import EngineConfig
+
+    t0 = time.perf_counter()
+    model, cfg = build(a.model)
+    nparams = sum(p.numel() for p in model.parameters())
+    clips = [float(c) for c in a.clip.split(",")]
+    ec = EngineConfig()
+    ec.precision.dtype = "bf16"
+    ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, clips[0], 0.0
+    ec.batch.micro_batch_size, ec.batch.grad_accum = a.mbs, a.accum
+    ec.offload.speculate, ec.offload.cpu_threads = bool(a.speculate), a.threads
+    ec.offload.ratio = None if a.ratio < 0 else a.ratio
+    ec.offload.state_format, ec.offload.kernel = a.state_format, a.kernel
+    ec.loss_chunk_tokens = a.loss_chunk_tokens
+    engine = heavylift.initialize(model=model, config=ec)[0]
+    init_s = time.perf_counter() - t0
+    tokens = a.mbs * a.seq * a.accum
+    flops = model_flops_per_token(cfg, nparams, a.seq) * tokens
+    phases = [measure_steps(engine, cfg, a, clip) for clip in clips]
+    floor = {"fwd_bwd_s": fwd_bwd_alone(engine, cfg, a), "cpu_optimizer_s": cpu_optimizer_alone(engine),
+             "link_s": link_alone(engine)}
+    floor["floor_s"] = max(floor.values())
+    common = {
+        "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
+        "state_format": a.state_format, "kernel": "native" if engine.pipeline._native else "torch",
+        "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
+        "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
+        "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
+        "cpu_threads": engine.pipeline._cpu_threads, "init_s": round(init_s, 1),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "floor": {k: round(v, 4) for k, v in floor.items()},
+        "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+    }
+    for ph in phases:
+        out = {**common, **ph, "tokens_per_s": round(tokens / ph["step_s"], 1),
+               "tflops": round(flops / ph["step_s"] / 1e12, 1),
+               "step_over_floor": round(ph["step_s"] / floor["floor_s"], 3)}
+        print(json.dumps(out), flush=True)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
