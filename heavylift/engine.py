@@ -235,16 +235,27 @@ class Engine:
         state, back = 8 + moments, 4 + moments  # master + grad slot + moments; a second master + moments
         pin = self.config.offload.pin_memory and torch.cuda.is_available()
         speculate = self.config.offload.speculate
-        if speculate:
-            avail = mem_available_bytes()
-            if avail is not None and n * (state + back) > 0.9 * avail:
-                speculate = False
-                if self.env.is_main:
-                    log.warning("offload.speculate turned off: its snapshot (%.1f GiB) does not fit beside the "
-                                "state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
+        # Every rank of this node allocates its share at once, and all ranks must decide alike: compare
+        # the node's need with the smallest MemAvailable any rank sees.
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        avail = self._min_over_ranks(mem_available_bytes())
+        if speculate and avail is not None and local * n * (state + back) > 0.9 * avail:
+            speculate = False
+            if self.env.is_main:
+                log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
+                            "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
         pinned = n * (12 if speculate and double_buffer else 8)  # gradient slot + master (+ back master)
-        check_host_memory(n * (state + back if speculate else state), pinned, pin)
+        check_host_memory(n * (state + back if speculate else state), pinned, pin, ranks_per_node=local,
+                          available=avail)
         return speculate
+
+    def _min_over_ranks(self, value: int | None) -> int | None:
+        if value is None or self.env.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        with guarded("host-memory preflight all-reduce", device=self.device):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     # ---- hyper-parameters as the scheduler left them ------------------------------------------------
     def _slot_group(self, slot: Slot) -> int:

@@ -20,14 +20,19 @@ def mem_available_bytes() -> int | None:
     return None
 
 
-def check_host_memory(host_bytes: int, pinned_bytes: int, pin: bool) -> None:
-    """Raise HeavyliftError if the host state cannot fit in available RAM or the pinned-memory limit."""
-    avail = mem_available_bytes()
-    if avail is not None and host_bytes > avail:
+def check_host_memory(host_bytes: int, pinned_bytes: int, pin: bool, ranks_per_node: int = 1,
+                      available: int | None = None) -> None:
+    """Raise HeavyliftError if the host state of this node's ranks (``host_bytes`` each) cannot fit in
+    available RAM, or one rank's pinned buffers exceed the pinned-memory limit."""
+    avail = available if available is not None else mem_available_bytes()
+    need = host_bytes * ranks_per_node
+    if avail is not None and need > avail:
+        per = f" ({ranks_per_node} ranks x {host_bytes / GiB:.1f} GiB)" if ranks_per_node > 1 else ""
         raise HeavyliftError(
-            f"the optimizer state needs {host_bytes / GiB:.1f} GiB of host RAM but only {avail / GiB:.1f} GiB "
-            "is available: use more GPUs (state is sharded across ranks), turn off offload.speculate "
-            "(saves 12 bytes/param), or raise offload-ratio tail on the GPU (lower offload.ratio)")
+            f"the optimizer state needs {need / GiB:.1f} GiB of host RAM{per} but only {avail / GiB:.1f} GiB "
+            "is available: use more nodes (state is sharded across ranks), set offload.state_format: "
+            "bf16-moments (4 bytes/param less), turn off offload.speculate, or keep more optimizer state "
+            "on the GPU (lower offload.ratio)")
     if pin:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if soft != resource.RLIM_INFINITY and pinned_bytes > soft:

@@ -63,9 +63,11 @@ def test_fp16_overflow_steps_are_skipped_exactly_then_training_proceeds():
 def test_preflight_refuses_before_allocating(monkeypatch):
     import heavylift.offload.preflight as pf
 
-    monkeypatch.setattr(pf, "mem_available_bytes", lambda: 1024)
-    allocated = []
     import heavylift.engine as eng
+
+    monkeypatch.setattr(pf, "mem_available_bytes", lambda: 1024)
+    monkeypatch.setattr(eng, "mem_available_bytes", lambda: 1024)
+    allocated = []
 
     real = eng.allocate_bucket
     monkeypatch.setattr(eng, "allocate_bucket", lambda *a, **k: allocated.append(1) or real(*a, **k))
@@ -96,3 +98,12 @@ def test_speculation_snapshot_dropped_when_it_does_not_fit(monkeypatch):
     assert not engine.pipeline.speculate
     assert all("snap_master" not in b.flats for b in engine.buckets)
     engine.close()
+
+
+def test_node_need_counts_every_local_rank():
+    import heavylift.offload.preflight as pf
+
+    pf.check_host_memory(host_bytes=10 * 2**30, pinned_bytes=0, pin=False, ranks_per_node=1, available=15 * 2**30)
+    with pytest.raises(HeavyliftError, match=r"2 ranks x 10.0 GiB"):
+        pf.check_host_memory(host_bytes=10 * 2**30, pinned_bytes=0, pin=False, ranks_per_node=2,
+                             available=15 * 2**30)
