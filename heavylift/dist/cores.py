@@ -16,7 +16,8 @@ Call :func:`bind_cores` (``heavylift.dist.env.init_dist`` does, once per process
 mask when they are created. Threads that exist already are re-pinned one by one, so a late call is
 correct, only later than it could be. Host memory needs no policy of its own: with every thread on
 cores of the rank's NUMA node, the kernel's default first-touch policy places the host state there.
-``HEAVYLIFT_BIND_CORES=off`` skips the binding (each rank then keeps its own mask).
+Binding is opt-in (``HEAVYLIFT_BIND_CORES=auto``) until an abort seen with it on CPU is explained
+(docs/log.md); ``off`` (the default) leaves each rank its own mask.
 """
 
 from __future__ import annotations
@@ -355,13 +356,15 @@ def bind_cores(rank: int, local_rank: int, gpu_index: int | None = None, group=N
     from heavylift.dist.guard import guarded
 
     info = local_info(rank, local_rank, gpu_index)
-    mode = os.environ.get("HEAVYLIFT_BIND_CORES", "auto").strip().lower()
+    # Opt-in for now: with binding applied, a rank aborted at start-up 1-2 times in 6 under torchrun on
+    # a 2-core CPU machine ("terminate called without an active exception"), not yet explained.
+    mode = os.environ.get("HEAVYLIFT_BIND_CORES", "off").strip().lower()
     if mode in ("off", "0", "false", "no"):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         _plan = unbound_plan(info, local_world)
         return _plan
     if mode not in ("auto", "on", "1", "true", "yes"):
-        raise HeavyliftError(f"HEAVYLIFT_BIND_CORES={mode!r} is not allowed: use auto (default) or off")
+        raise HeavyliftError(f"HEAVYLIFT_BIND_CORES={mode!r} is not allowed: use auto or off (default)")
     infos: list[RankInfo] = [info]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         gathered: list = [None] * dist.get_world_size(group)
