@@ -356,8 +356,9 @@ def bind_cores(rank: int, local_rank: int, gpu_index: int | None = None, group=N
     from heavylift.dist.guard import guarded
 
     info = local_info(rank, local_rank, gpu_index)
-    # Opt-in for now: with binding applied, a rank aborted at start-up 1-2 times in 6 under torchrun on
-    # a 2-core CPU machine ("terminate called without an active exception"), not yet explained.
+    # Opt-in for now: with binding applied, a rank aborted at exit 1-2 times in 6 under torchrun on a
+    # 2-core CPU machine: a gloo thread, late on the shared core, frees a finished collective's tensors
+    # during interpreter finalization (docs/log.md).
     mode = os.environ.get("HEAVYLIFT_BIND_CORES", "off").strip().lower()
     if mode in ("off", "0", "false", "no"):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
