@@ -8,7 +8,7 @@ import torch
 from heavylift.checkpoint import CorruptCheckpointError, load, resume_auto, save
 from heavylift.checkpoint.paths import read_latest
 from heavylift.config.errors import HeavyliftError
-from support.checkpointing import CASE, local_state, new_engine, train
+from support.checkpointing import local_state, new_engine, train
 from support.equivalence import Case
 
 N = 3

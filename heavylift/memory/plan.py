@@ -1,174 +1,19 @@
-"""The memory and step-time planner behind ``heavylift estimate`` and the ``train`` preflight.
-
-Pure arithmetic: nothing here allocates a tensor on a real device (the model shape is read from a
-``meta``-device model, which holds no storage). Every figure is per rank unless it says "node".
-
-GPU, per rank (bf16 compute dtype, 2 B/param; fp32 4 B):
-- weights: the FSDP2 shards, 2 P / world.
-- GPU-tail state: 16 B/param (fp32 master, exp_avg, exp_avg_sq, gradient slot) for the tail buckets,
-  chosen exactly as the engine does (whole buckets, last-arriving first; auto = the root unit if its
-  state fits a tenth of the card; after the first step the engine grows the tail into the measured
-  headroom, which this plan does not count as required).
-- the peak is the larger of two phases of one micro-step:
-  * loss phase: the root unit gathered (embeddings/head, bf16), every checkpointed block input
-    (layers x tokens x hidden x 2 B with activation checkpointing; every block's activations without),
-    the final norm, and the loss: in backward, cross-entropy holds three fp32 [tokens, vocab] tensors at
-    once (the saved log-softmax, the nll gradient, the log-softmax gradient: 12 B/token/vocab; HF upcasts
-    the logits to fp32 before the loss).
-  * block phase: the root unit's gathered weights and unsharded gradient (kept until its reduce-scatter,
-    last), block inputs, one block recomputed with its backward working set, the gathered block
-    (bf16 weights, the prefetched next block, its bf16 gradient and the fp32 reduce-scatter input),
-    and the fp32 staging of one bucket each way (non-blocking dtype-converting copies convert on the GPU).
-  Calibrated on qwen3-4b's shape (Llama, head_dim 80: 3.67 B params), seq 4096, micro-batch 4, AC, 1 GPU:
-  measured 44.42 GiB (root unit in the tail) and 64.81 GiB (offload.ratio 0.5); see tests/unit/test_memory.py.
-
-Host, per rank: pinned master + gradient slot (8 B/param, exact: the store page-locks its own buffers
-instead of using PyTorch's pinned caching allocator, which rounds each block up to a power of two), pageable moments (8 B/param), the speculation snapshot (12 B/param,
-dropped by the engine when it does not fit), the model as loaded (full, on every rank, until sharded) and
-a fixed runtime overhead (CUDA/torch libraries). NVMe: 0 (no NVMe tier yet).
-
-Step-time floor (hardware.md's model), per optimizer step, T = tokens per step over all ranks:
-- T_gpu  = k P T / (N F), k = 8 with activation recompute, 6 without; F = bf16 matmul rate per GPU.
-- T_cpu  = P_host_node / R; R = fused CPU AdamW rate of the whole host in params/s (28 B/param of memory
-  traffic per parameter: M = 28 R); the ranks of a node share it.
-- T_link = link traffic per rank / bandwidth. In the current engine a host-stepped parameter costs 4 B
-  down (the bf16 gradient is converted to fp32 on the GPU, then copied into the pinned fp32 slot) and
-  4 B up (the fp32 master is copied up and converted to bf16 on the GPU): 8 B/param of host shard per
-  step. The two directions run on separate streams at once; the H100 box moves 84.8 GB/s both ways
-  together against 55 GB/s one way, so T_link = 8 P_host_rank / (DUPLEX x W), DUPLEX = 1.55.
-- floor = max of the three (they overlap); the serial sum is what an offload that does not overlap pays.
-"""
+"""The memory planner: bytes per tier per rank, whether it fits, the step-time floor, what would fit."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import pathlib
-import resource
-import time
 from dataclasses import dataclass, field
 
 from heavylift.config.errors import HeavyliftError
-
-GiB = 1024**3
-STATE_FORMATS = {"fp32": 16, "bf16-moments": 12}  # host bytes/param incl. gradient slot; pinned: 8 (master + grad)
-SNAPSHOT_BYTES = 12
-TAIL_BYTES = 16
-PINNED_BYTES = 8
-GPU_UNCERTAINTY = 0.10  # calibrated within ~2% on two points; 10% margin for shapes not measured
-HOST_UNCERTAINTY = 0.10
-CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # outside torch's allocator (not in max_memory_allocated)
-HOST_RUNTIME_BYTES = int(2.4 * GiB)  # per rank: torch + CUDA libraries, allocator slack (calibrated)
-LINK_DUPLEX = 1.55  # both directions at once / one direction (84.8 / 55 GB/s, hardware.md)
-DEFAULT_LINK_GBS = 50.0
-DEFAULT_GPU_TFLOPS = 746.0  # H100 bf16 matmul 8192^3 measured (hardware.md), when no GPU can be probed
-AUTO_TAIL_CARD_FRACTION = 0.10  # engine._auto_ratio
+from heavylift.memory.constants import (
+    AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
+    LINK_DUPLEX, PINNED_BYTES, STATE_FORMATS, TAIL_BYTES,
+)
+from heavylift.memory.model import ModelShape, model_shape
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model shape
-# ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelShape:
-    """What the planner needs of a model: per-parameter shapes per FSDP unit and the dimensions."""
-
-    name: str
-    units: tuple[tuple[tuple[int, ...], ...], ...]  # blocks in forward order, then the root unit
-    layers: int
-    hidden: int
-    ffn: int
-    q_dim: int  # heads x head_dim
-    kv_dim: int  # kv heads x head_dim
-    vocab: int
-    qk_norm: bool = False
-
-    @property
-    def params(self) -> int:
-        return sum(math.prod(s) for unit in self.units for s in unit)
-
-    @property
-    def root_params(self) -> int:
-        return sum(math.prod(s) for s in self.units[-1])
-
-    @property
-    def max_block_params(self) -> int:
-        return max((sum(math.prod(s) for s in u) for u in self.units[:-1]), default=0)
-
-
-def _default_model_config():
-    """SmolLM2-135M-Instruct (the embedded default model), without reading its GGUF file."""
-    from transformers import LlamaConfig
-    return LlamaConfig(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5)
-
-
-def resolve_config(spec):
-    """A ``PretrainedConfig`` from a preset name, "default", an HF model directory, or a config object."""
-    from transformers import PretrainedConfig
-    if isinstance(spec, PretrainedConfig):
-        return spec
-    from heavylift.models.presets import PRESETS, preset_config
-    if spec == "default":
-        return _default_model_config()
-    if spec in PRESETS:
-        return preset_config(spec)
-    path = pathlib.Path(str(spec))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise HeavyliftError(f"model directory {str(path)!r} has no config.json")
-        from transformers import AutoConfig
-        try:
-            return AutoConfig.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise HeavyliftError(f"cannot read {str(path / 'config.json')!r}: {str(e).splitlines()[0]}") from e
-    raise HeavyliftError(f"model {spec!r} is neither 'default', a preset ({', '.join(PRESETS)}) "
-                         "nor a directory with a config.json")
-
-
-def model_shape(spec) -> ModelShape:
-    """The shape of ``spec`` (see :func:`resolve_config`), from a ``meta``-device model (no storage)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    config = resolve_config(spec)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as e:
-        raise HeavyliftError(f"cannot build a causal LM from the config of {getattr(spec, 'name_or_path', spec)!r}: "
-                             f"{str(e).splitlines()[0]}") from e
-    return shape_of_model(model, name=str(spec) if isinstance(spec, (str, os.PathLike)) else
-                          (config.name_or_path or config.model_type))
-
-
-def shape_of_model(model, name: str = "") -> ModelShape:
-    """The shape of an instantiated model (any device), its FSDP units found as the engine finds them."""
-    from heavylift.shard.fsdp import find_blocks
-    cfg = model.config
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    blocks = find_blocks(model)
-    unit_of = {}
-    for u, block in enumerate(blocks):
-        for p in block.parameters():
-            unit_of[id(p)] = u
-    units: list[list[tuple[int, ...]]] = [[] for _ in range(len(blocks) + 1)]
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            units[unit_of.get(id(p), len(blocks))].append(tuple(p.shape))
-    hidden = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    return ModelShape(name=name or type(model).__name__, units=tuple(tuple(u) for u in units),
-                      layers=len(blocks), hidden=hidden, ffn=getattr(text, "intermediate_size", 4 * hidden),
-                      q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=text.vocab_size,
-                      qk_norm=getattr(text, "model_type", "") in ("qwen3", "qwen3_moe", "olmo2", "gemma3"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setup:
     """The run being planned."""
@@ -228,9 +73,6 @@ class Rates:
     sources: tuple[str, str, str] = ("given", "given", "given")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Plan
-# ---------------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
     shape: ModelShape
@@ -310,7 +152,7 @@ def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
 def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: Rates | None = None) -> Plan:
     """Bytes per tier per rank, the verdict against ``machine`` and the step-time floor at ``rates``."""
     _check_setup(setup)
-    world, db = setup.world, setup.dtype_bytes
+    db = setup.dtype_bytes
     buckets = _buckets(shape, setup)
     from heavylift.offload.buckets import split_tail
     first_tail = split_tail(buckets, _tail_ratio(shape, setup, machine))
@@ -429,9 +271,6 @@ def _verdicts(p: Plan, m: Machine) -> None:
                          "or set engine.offload.pin_memory false")
 
 
-# ---------------------------------------------------------------------------------------------------
-# What would make it fit
-# ---------------------------------------------------------------------------------------------------
 def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[str]:
     """Settings that would fit, each found by re-planning with one change."""
     out: list[str] = []
@@ -481,103 +320,6 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# This machine
-# ---------------------------------------------------------------------------------------------------
-def mem_available() -> int | None:
-    from heavylift.offload.preflight import mem_available_bytes
-    return mem_available_bytes()
-
-
-def memlock_limit() -> int | None:
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return None if soft == resource.RLIM_INFINITY else int(soft)
-
-
-def this_machine(gpu_mem_gib: float | None = None, host_mem_gib: float | None = None,
-                 device_index: int | None = None) -> Machine:
-    """The machine this runs on; ``gpu_mem_gib`` / ``host_mem_gib`` describe another one instead."""
-    import torch
-    cuda = torch.cuda.is_available()
-    total = free = None
-    name = ""
-    if gpu_mem_gib is not None:
-        total = int(gpu_mem_gib * GiB)
-    elif cuda:
-        idx = device_index if device_index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-        free, total = torch.cuda.mem_get_info(idx)
-        free += CUDA_CONTEXT_BYTES  # mem_get_info already sees this process's context; usable subtracts it
-        name = torch.cuda.get_device_name(idx)
-    host = int(host_mem_gib * GiB) if host_mem_gib is not None else mem_available()
-    return Machine(gpu_total_bytes=total, gpu_free_bytes=free, host_available_bytes=host,
-                   memlock_bytes=None if host_mem_gib is not None or gpu_mem_gib is not None else memlock_limit(),
-                   has_cuda=cuda, gpu_name=name)
-
-
-def probe_rates(gpu_tflops: float | None = None, cpu_params_per_s: float | None = None,
-                link_gbs: float | None = None, threads: int | None = None) -> Rates:
-    """Stated rates, else short probes of this machine (a second or two each), else defaults."""
-    import torch
-    cuda = torch.cuda.is_available()
-    src = ["given", "given", "given"]
-    if gpu_tflops is None:
-        gpu_tflops, src[0] = (_probe_matmul(), "probed") if cuda else (DEFAULT_GPU_TFLOPS, "assumed (H100 matmul)")
-    if cpu_params_per_s is None:
-        cpu_params_per_s, src[1] = _probe_adamw(threads), "probed"
-    if link_gbs is None:
-        link_gbs, src[2] = (_probe_link(), "probed") if cuda else (DEFAULT_LINK_GBS, "assumed")
-    return Rates(gpu_tflops, cpu_params_per_s, link_gbs, tuple(src))
-
-
-def _probe_matmul(n: int = 8192, reps: int = 10) -> float:
-    import torch
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def _probe_adamw(threads: int | None = None, n: int = 64 * 1024 * 1024, reps: int = 2) -> float:
-    """Fused CPU AdamW params/s over ``n`` fp32 params with the optimizer's threads (whole host: the
-    per-rank rate x ranks per node is bounded by memory bandwidth, so this is the single-rank rate)."""
-    import torch
-    from heavylift.optim.adamw import AdamWHyper, adamw_step_
-    if threads is None:
-        from heavylift.engine import auto_cpu_threads
-        threads = auto_cpu_threads()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        p, g, m, v = (torch.zeros(n) for _ in range(4))
-        step = [torch.zeros(())]
-        hp = AdamWHyper(1e-5, 0.9, 0.999, 1e-8, 0.0)
-        adamw_step_([p], [g], [m], [v], step, hp)
-        t = time.perf_counter()
-        for _ in range(reps):
-            adamw_step_([p], [g], [m], [v], step, hp)
-        return n * reps / (time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(old)
-
-
-def _probe_link(nbytes: int = 512 * 1024**2) -> float:
-    import torch
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(3):
-        dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return 3 * nbytes / (time.perf_counter() - t) / 1e9
-
-
 def _check_setup(s: Setup) -> None:
     for key in ("gpus_per_node", "nodes", "seq", "mbs", "accum"):
         if getattr(s, key) < 1:
@@ -589,9 +331,6 @@ def _check_setup(s: Setup) -> None:
                              f"not {s.tail_ratio}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------------
 def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
     s, sh = p.setup, p.shape
     g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
@@ -648,44 +387,4 @@ def estimate(model, setup: Setup, machine: Machine, rates: Rates | None = None) 
     p = plan(shape, setup, machine, rates)
     if not p.fits or "tight" in p.verdicts.values():
         p.suggestions = suggest(shape, setup, machine, p)
-    return p
-
-
-# ---------------------------------------------------------------------------------------------------
-# The ``train`` preflight
-# ---------------------------------------------------------------------------------------------------
-def setup_for_train(cfg, cuda: bool) -> Setup:
-    """The :class:`Setup` a :class:`~heavylift.config.train.TrainConfig` runs, on this launch's ranks."""
-    e = cfg.engine
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    local = max(min(local, world), 1)
-    return Setup(gpus_per_node=local, nodes=max(world // local, 1), seq=cfg.seq_len, mbs=e.batch.micro_batch_size,
-                 accum=e.batch.grad_accum, activation_checkpointing=e.activation_checkpointing,
-                 speculate=e.offload.speculate, tail_ratio=None if e.offload.ratio is None else 1.0 - e.offload.ratio,
-                 bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
-                 pin=e.offload.pin_memory and cuda, load_bytes=4, loss_chunk_tokens=e.loss_chunk_tokens,
-                 state_format=e.offload.state_format)
-
-
-def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
-    """Refuse (HeavyliftError, with the numbers and what would fit) a run this machine cannot hold; warn when
-    the estimate is within its uncertainty. ``HEAVYLIFT_PREFLIGHT=0`` skips it."""
-    if os.environ.get("HEAVYLIFT_PREFLIGHT", "1") == "0":
-        return None
-    if machine is None:
-        machine = this_machine()
-    setup = setup_for_train(cfg, machine.has_cuda)
-    p = estimate(cfg.model, setup, machine)
-    head = (f"{p.shape.name} ({p.shape.params / 1e9:.2f} B params), seq {setup.seq}, micro-batch {setup.mbs}, "
-            f"{setup.world} rank(s)")
-    if not p.fits:
-        fix = "; ".join(p.suggestions) if p.suggestions else "a larger machine"
-        raise HeavyliftError(f"preflight: this run cannot fit: {head}: {'; '.join(p.reasons)}. Would fit with: {fix} "
-                             "(HEAVYLIFT_PREFLIGHT=0 skips this check)")
-    if "tight" in p.verdicts.values():
-        warn(f"heavylift: warning: preflight: tight fit, within the estimate's uncertainty: {head}: "
-             f"{'; '.join(p.reasons)}")
-    for n in p.notes:
-        warn(f"heavylift: note: {n}")
     return p

@@ -1,0 +1,46 @@
+"""The ``train`` preflight: the plan checked against the real machine before anything is allocated."""
+
+from __future__ import annotations
+
+import os
+
+from heavylift.config.errors import HeavyliftError
+from heavylift.memory.machine import this_machine
+from heavylift.memory.plan import Machine, Plan, Setup, estimate
+
+
+def setup_for_train(cfg, cuda: bool) -> Setup:
+    """The :class:`Setup` a :class:`~heavylift.config.train.TrainConfig` runs, on this launch's ranks."""
+    e = cfg.engine
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    local = max(min(local, world), 1)
+    return Setup(gpus_per_node=local, nodes=max(world // local, 1), seq=cfg.seq_len, mbs=e.batch.micro_batch_size,
+                 accum=e.batch.grad_accum, activation_checkpointing=e.activation_checkpointing,
+                 speculate=e.offload.speculate, tail_ratio=None if e.offload.ratio is None else 1.0 - e.offload.ratio,
+                 bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
+                 pin=e.offload.pin_memory and cuda, load_bytes=4, loss_chunk_tokens=e.loss_chunk_tokens,
+                 state_format=e.offload.state_format)
+
+
+def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
+    """Refuse (HeavyliftError, with the numbers and what would fit) a run this machine cannot hold; warn when
+    the estimate is within its uncertainty. ``HEAVYLIFT_PREFLIGHT=0`` skips it."""
+    if os.environ.get("HEAVYLIFT_PREFLIGHT", "1") == "0":
+        return None
+    if machine is None:
+        machine = this_machine()
+    setup = setup_for_train(cfg, machine.has_cuda)
+    p = estimate(cfg.model, setup, machine)
+    head = (f"{p.shape.name} ({p.shape.params / 1e9:.2f} B params), seq {setup.seq}, micro-batch {setup.mbs}, "
+            f"{setup.world} rank(s)")
+    if not p.fits:
+        fix = "; ".join(p.suggestions) if p.suggestions else "a larger machine"
+        raise HeavyliftError(f"preflight: this run cannot fit: {head}: {'; '.join(p.reasons)}. Would fit with: {fix} "
+                             "(HEAVYLIFT_PREFLIGHT=0 skips this check)")
+    if "tight" in p.verdicts.values():
+        warn(f"heavylift: warning: preflight: tight fit, within the estimate's uncertainty: {head}: "
+             f"{'; '.join(p.reasons)}")
+    for n in p.notes:
+        warn(f"heavylift: note: {n}")
+    return p
