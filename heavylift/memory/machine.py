@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import time
 
 from heavylift.memory.constants import CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, GiB
 from heavylift.memory.plan import Machine, Rates
@@ -55,50 +54,21 @@ def probe_rates(gpu_tflops: float | None = None, cpu_params_per_s: float | None 
     return Rates(gpu_tflops, cpu_params_per_s, link_gbs, tuple(src))
 
 
-def _probe_matmul(n: int = 8192, reps: int = 10) -> float:
-    import torch
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+def _probe_matmul() -> float:
+    from heavylift.benchmark.ceilings import matmul_tflops
+    return matmul_tflops()
 
 
-def _probe_adamw(threads: int | None = None, n: int = 64 * 1024 * 1024, reps: int = 2) -> float:
-    """Fused CPU AdamW params/s over ``n`` fp32 params with the optimizer's threads (whole host: the
-    per-rank rate x ranks per node is bounded by memory bandwidth, so this is the single-rank rate)."""
-    import torch
-    from heavylift.optim.adamw import AdamWHyper, adamw_step_
-    if threads is None:
-        from heavylift.engine import auto_cpu_threads
-        threads = auto_cpu_threads()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        p, g, m, v = (torch.zeros(n) for _ in range(4))
-        step = [torch.zeros(())]
-        hp = AdamWHyper(1e-5, 0.9, 0.999, 1e-8, 0.0)
-        adamw_step_([p], [g], [m], [v], step, hp)
-        t = time.perf_counter()
-        for _ in range(reps):
-            adamw_step_([p], [g], [m], [v], step, hp)
-        return n * reps / (time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(old)
+def _probe_adamw(threads: int | None = None) -> float:
+    """CPU AdamW params/s with the optimizer's threads: the native kernel's rate when it builds (the
+    engine's speculative step), else torch's fused kernel. Bounded by host memory bandwidth, so this is
+    the single-rank rate."""
+    from heavylift.benchmark.ceilings import cpu_adamw_params_per_s
+    rates = cpu_adamw_params_per_s(64 * 1024**2, threads)
+    return rates.get("native_out_of_place", rates["torch_fused"])
 
 
-def _probe_link(nbytes: int = 512 * 1024**2) -> float:
-    import torch
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(3):
-        dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return 3 * nbytes / (time.perf_counter() - t) / 1e9
+def _probe_link() -> float:
+    """Pinned host->GPU GB/s, one direction."""
+    from heavylift.benchmark.ceilings import link_gbs
+    return link_gbs(512 * 1024**2)["h2d_gbs"]
