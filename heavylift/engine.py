@@ -32,6 +32,7 @@ from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
 from heavylift.optim.schedule import build_scheduler
 from heavylift.shard.fsdp import apply_fsdp, find_blocks
+from heavylift.shard.gather import gather_full
 from heavylift.shard.layout import local_shape
 from heavylift.shard.values import (MaterializedValues, MetaInitValues, SafetensorsValues, init_buffers,
                                     is_meta)
@@ -346,23 +347,9 @@ class Engine:
     def master_weights(self) -> dict[str, torch.Tensor]:
         """Every parameter's full fp32 master weight by name (gathered from all ranks, on CPU)."""
         self.pipeline.wait_all()
-        out = {}
-        world = self.env.world_size
-        for bucket in self.buckets:
-            for slot in bucket.slots:
-                full_shape = slot.device_param.shape
-                local = slot.master.detach().to("cpu")
-                if world > 1:
-                    rows = full_shape[0] if len(full_shape) else 1
-                    chunk = -(-rows // world)
-                    pad = torch.zeros((chunk, *local.shape[1:]), dtype=local.dtype, device=self.device)
-                    pad[: local.shape[0]] = local.to(self.device)
-                    parts = [torch.empty_like(pad) for _ in range(world)]
-                    with guarded("master-weights all-gather", device=self.device):
-                        dist.all_gather(parts, pad)
-                    local = torch.cat([t.to("cpu") for t in parts])[:rows]
-                out[slot.spec.name] = local.reshape(full_shape).clone()
-        return out
+        return {slot.spec.name: gather_full(slot.master, slot.device_param.shape, self.device,
+                                            "master-weights all-gather")
+                for bucket in self.buckets for slot in bucket.slots}
 
     # ---- checkpoints (DeepSpeed names) ------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, keep: int = 0, tokenizer=None):

@@ -197,7 +197,7 @@ class OffloadPipeline:
                 if not found_inf:
                     self._step_slots(pend.active, self.inv_scale, coef)
                     for s in pend.active:
-                        local_of_param(s).copy_(s.master)
+                        local_of(s.device_param).copy_(s.master)
                 self._final[b].set()
         return StepResult(grad_norm=norm, clip_coef=coef, skipped=found_inf)
 
@@ -350,11 +350,11 @@ class OffloadPipeline:
             src = [s.master for s in slots]
         if not self._cuda:
             for s, t in zip(slots, src):
-                local_of_param(s).copy_(t)
+                local_of(s.device_param).copy_(t)
             return
         with torch.cuda.stream(self._h2d):
             for s, t in zip(slots, src):
-                local_of_param(s).copy_(t, non_blocking=True)
+                local_of(s.device_param).copy_(t, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self._h2d)
         self._upload_ev[b] = ev
@@ -369,6 +369,3 @@ class OffloadPipeline:
         if self._error is not None:
             raise RuntimeError("heavylift CPU optimizer worker failed") from self._error
 
-
-def local_of_param(slot: Slot) -> Tensor:
-    return local_of(slot.device_param)

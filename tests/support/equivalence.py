@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import heavylift
 from heavylift.config import EngineConfig
+from heavylift.shard.gather import gather_full
 from heavylift.optim.schedule import lr_multiplier
 
 VOCAB, SEQ, MBS = 96, 12, 2
@@ -186,25 +187,18 @@ def snapshot_state(engine) -> list[torch.Tensor]:
 
 
 def gather_moments(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Full exp_avg / exp_avg_sq per parameter name, gathered from all ranks."""
+    """Full exp_avg / exp_avg_sq per parameter name, gathered from all ranks, and the largest step count."""
     world = dist.get_world_size()
     out = {}
     for b in engine.buckets:
         for s in b.slots:
             full = s.device_param.shape
-            rows = full[0] if len(full) else 1
-            chunk = -(-rows // world)
-            parts = []
-            for t in (s.exp_avg, s.exp_avg_sq):
-                pad = torch.zeros((chunk, *t.shape[1:]))
-                pad[: t.shape[0]] = t.cpu()
-                got = [torch.empty_like(pad) for _ in range(world)]
-                dist.all_gather(got, pad)
-                parts.append(torch.cat(got)[:rows].reshape(full))
             step = torch.tensor([float(s.step)])
             steps = [torch.empty_like(step) for _ in range(world)]
             dist.all_gather(steps, step)
-            out[s.spec.name] = (parts[0], parts[1], max(float(x) for x in steps))
+            out[s.spec.name] = (gather_full(s.exp_avg.float(), full, torch.device("cpu")),
+                                gather_full(s.exp_avg_sq.float(), full, torch.device("cpu")),
+                                max(float(x) for x in steps))
     return out
 
 
