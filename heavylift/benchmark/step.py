@@ -94,37 +94,6 @@ def fwd_bwd_alone(engine, cfg, a, reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def cpu_optimizer_alone(engine) -> float:
-    """One AdamW pass over every host bucket's slots, in the worker's way, on a fresh thread (its own
-    thread count): the CPU part of a step with nothing else running."""
-    import threading
-
-    pipe = engine.pipeline
-    slots = [s for b in engine.buckets if b.on_host for s in b.slots]
-    pipe._step_hypers = {g: pipe._hypers(g) for g in pipe._groups}
-    out: dict[str, float] = {}
-
-    def run() -> None:
-        torch.set_num_threads(pipe._cpu_threads)
-        t = time.perf_counter()
-        if pipe._double_buffered:
-            pipe._native_step(slots, 1.0, into_back=True)  # writes the back buffers: state untouched
-        else:
-            snap = [(s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone()) for s in slots]
-            t = time.perf_counter()
-            pipe._step_slots(slots, 1.0, 1.0)
-            out["s"] = time.perf_counter() - t
-            for s, (p, m, v, st) in zip(slots, snap):
-                s.master.copy_(p), s.exp_avg.copy_(m), s.exp_avg_sq.copy_(v), s.step.copy_(st)
-            return
-        out["s"] = time.perf_counter() - t
-
-    th = threading.Thread(target=run)
-    th.start()
-    th.join()
-    return out["s"]
-
-
 def link_alone(engine) -> float:
     """Every host bucket's gradient down (fp32) and master up (fp32, cast to the shard), concurrently."""
     host = [b for b in engine.buckets if b.on_host]
@@ -182,16 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     tokens = a.mbs * a.seq * a.accum
     flops = model_flops_per_token(cfg, nparams, a.seq) * tokens
     phases = [measure_steps(engine, cfg, a, clip) for clip in clips]
-    floor = {"fwd_bwd_s": fwd_bwd_alone(engine, cfg, a), "cpu_optimizer_s": cpu_optimizer_alone(engine),
+    floor = {"fwd_bwd_s": fwd_bwd_alone(engine, cfg, a), "cpu_optimizer_s": engine.pipeline.time_host_pass(),
              "link_s": link_alone(engine)}
     floor["floor_s"] = max(floor.values())
     common = {
         "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
-        "state_format": a.state_format, "kernel": "native" if engine.pipeline._native else "torch",
+        "state_format": a.state_format, "kernel": engine.pipeline.kernel,
         "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
         "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
         "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
-        "cpu_threads": engine.pipeline._cpu_threads, "init_s": round(init_s, 1),
+        "cpu_threads": engine.pipeline.cpu_threads, "init_s": round(init_s, 1),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "floor": {k: round(v, 4) for k, v in floor.items()},

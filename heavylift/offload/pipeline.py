@@ -221,6 +221,45 @@ class OffloadPipeline:
     def wait_all(self) -> None:
         self.wait_buckets(list(range(len(self.buckets))))
 
+    @property
+    def cpu_threads(self) -> int:
+        return self._cpu_threads
+
+    @property
+    def kernel(self) -> str:
+        return "native" if self._native is not None else "torch"
+
+    def time_host_pass(self) -> float:
+        """Seconds of one AdamW pass over every host bucket, the way the worker runs it (its thread count,
+        its kernel), with nothing else running; the state is left as it was. For the benchmark's floor."""
+        self.wait_all()
+        slots = [s for b in self.buckets if b.on_host for s in b.slots]
+        self._step_hypers = {g: self._hypers(g) for g in self._groups}
+        out: dict[str, float] = {}
+
+        @torch.no_grad()
+        def run() -> None:
+            torch.set_num_threads(self._cpu_threads)
+            if self._double_buffered:  # writes the back buffers only: the state is untouched
+                t = time.perf_counter()
+                self._native_step(slots, 1.0, into_back=True)
+                out["s"] = time.perf_counter() - t
+                return
+            saved = [(s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone()) for s in slots]
+            t = time.perf_counter()
+            self._step_slots(slots, 1.0, 1.0)
+            out["s"] = time.perf_counter() - t
+            for s, (p, m, v, st) in zip(slots, saved):
+                s.master.copy_(p)
+                s.exp_avg.copy_(m)
+                s.exp_avg_sq.copy_(v)
+                s.step.copy_(st)
+
+        th = threading.Thread(target=run)
+        th.start()
+        th.join()
+        return out["s"]
+
     def close(self) -> None:
         self._tasks.put(None)
         self._worker.join(timeout=60)

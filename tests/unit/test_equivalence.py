@@ -61,3 +61,19 @@ def test_optimizer_state_dict_follows_double_buffer_flips():
         assert float(st["step"]) == 3.0
     assert any(s.exp_avg.abs().sum() > 0 for b in engine.buckets for s in b.slots)
     engine.close()
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_timed_host_pass_leaves_state_untouched(kernel):
+    """The benchmark's CPU-optimizer measurement must not change training."""
+    import heavylift
+    from support.equivalence import batches, engine_config, snapshot_state, tiny_model
+
+    engine = heavylift.initialize(model=tiny_model(), config=engine_config(Case("t", kernel=kernel)))[0]
+    (ids,) = batches(0, 0, 1)
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    before = snapshot_state(engine)
+    assert engine.pipeline.time_host_pass() > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot_state(engine)))
+    engine.close()
