@@ -44,6 +44,9 @@ def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
 
 
 def _commit() -> str:
+    """The checkout's commit; HEAVYLIFT_COMMIT names it where the tree travels without its .git (GPU boxes)."""
+    if os.environ.get("HEAVYLIFT_COMMIT"):
+        return os.environ["HEAVYLIFT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
