@@ -26,11 +26,13 @@ from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes
 from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail
-from heavylift.offload.tail import buckets_to_move, tail_budget_params
+from heavylift.offload.placement import AutoPlacement
 from heavylift.optim.adamw import AdamWHyper
 from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
 from heavylift.optim.schedule import build_scheduler
+from heavylift.shard.compile import compile_blocks
+from heavylift.shard.compile import wanted as compile_wanted
 from heavylift.shard.fsdp import apply_fsdp, find_blocks
 from heavylift.shard.gather import gather_full
 from heavylift.shard.layout import local_shape
@@ -161,6 +163,8 @@ class Engine:
         values.close()
         model.to(dtype=self.dtype)
         apply_fsdp(model, blocks, self.env.mesh, reduce_dtype=torch.float32)
+        if compile_wanted(cfg.compile, self.device):
+            compile_blocks(blocks)
         if meta:
             model.to_empty(device=self.device)
             init_buffers(model, self.device)
@@ -204,7 +208,10 @@ class Engine:
             idx = unit_buckets.get(u, [])
             module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
         self.first_tail = first_tail
-        self._auto_tail = cfg.offload.ratio is None and self.device.type == "cuda"
+        self.placement = None
+        if self.device.type == "cuda":
+            self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,
+                                           recompute=cfg.activation_checkpointing and cfg.recompute == "auto")
 
     # ---- planning ---------------------------------------------------------------------------------
     def _auto_ratio(self, specs: list[BucketSpec]) -> float:
@@ -270,6 +277,8 @@ class Engine:
 
     # ---- DeepSpeed-shaped training API --------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if self.placement is not None:
+            self.placement.forward_started()
         return self.module(*args, **kwargs)
 
     forward = __call__
@@ -294,6 +303,8 @@ class Engine:
             self.pipeline.begin_boundary_backward(inv_scale=1.0 / self.scaler.scale)
         self.pipeline.boundary = boundary
         self.pipeline.in_backward = True
+        if self.placement is not None:
+            self.placement.backward_started()
         try:
             (loss * (self.scaler.scale / self.gradient_accumulation_steps)).backward()
         finally:
@@ -317,12 +328,8 @@ class Engine:
         else:
             self.lr_scheduler.step()
         self.last_step = result
-        if self._auto_tail and not result.skipped:
-            self._auto_tail = False
-            peak = torch.cuda.max_memory_allocated(self.device)
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            self.grow_tail(buckets_to_move([b.spec.numel for b in self.buckets[: self.first_tail]],
-                                           tail_budget_params(total, peak)))
+        if self.placement is not None:
+            self.placement.after_step(result.skipped)
         return result
 
     def grow_tail(self, n: int) -> None:
@@ -338,7 +345,7 @@ class Engine:
             for slot in moved.slots:
                 self.optimizer._slots[id(slot.device_param)] = slot
         self.optimizer.sync_state()
-        log.info("GPU tail grown to %d of %d buckets from the measured peak", len(self.buckets) - new_first,
+        log.info("GPU tail grown to %d of %d buckets", len(self.buckets) - new_first,
                  len(self.buckets))
         self.first_tail = new_first
 

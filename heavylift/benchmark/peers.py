@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ def run_peer(system: str, peers_dir: str, site: str, model: str, seq: int, mbs: 
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return None, f"timed out after {timeout_s} s", out
+        return partial_result(out, warmup=2, seq=seq, mbs=mbs, timeout_s=timeout_s)
     out = proc.stdout + proc.stderr
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -44,3 +46,16 @@ def run_peer(system: str, peers_dir: str, site: str, model: str, seq: int, mbs: 
     r = json.loads(lines[-1])
     return {"step_s": r["step_s"], "tokens_per_s": r["tokens_per_s"], "tflops": r["model_TFLOPS"],
             "peak_gpu_gib": r["peak_gpu_GiB"], "host_gib": r["host_maxrss_GiB"]}, "", out
+
+
+def partial_result(out: str, warmup: int, seq: int, mbs: int, timeout_s: int) -> tuple[dict | None, str, str]:
+    """A peer stopped at its time limit: its per-step lines (``# <mode> step <i> <t>s ...``) after the
+    warm-up still time it, marked partial; no step past the warm-up means no figure."""
+    times = [float(m.group(2)) for m in re.finditer(r"^# \S+ step (\d+) ([0-9.]+)s", out, re.M)
+             if int(m.group(1)) >= warmup]
+    if not times:
+        return None, f"timed out after {timeout_s} s", out
+    step_s = statistics.median(times)
+    return ({"step_s": step_s, "tokens_per_s": seq * mbs / step_s, "tflops": None, "peak_gpu_gib": None,
+             "host_gib": None},
+            f"partial: timed out after {timeout_s} s; {len(times)} timed step(s) {times} s", out)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import resource
+import sys
 import statistics
 import time
 
 import torch
+
+from heavylift.shard.recompute import checkpointed
 
 SHAPES = {
     # name: hidden, layers, ffn, heads, kv heads, vocab, tied (the anchor harness's shapes)
@@ -75,28 +77,29 @@ def measure_steps(engine, cfg, a, clip: float) -> dict:
 
 
 def fwd_bwd_alone(engine, cfg, a, reps: int = 3) -> float:
-    """Forward+backward with no optimizer step: micro-steps that never reach an accumulation boundary.
-
-    Run before the first step: the gradients stay on the GPU here (a real step streams them out), so it
-    needs the memory that the automatic GPU tail takes after step 1. The peak it reaches is forgotten.
-    """
+    """Forward+backward with no optimizer step, in the placement the steps settled on: micro-steps that
+    never reach an accumulation boundary, each gradient dropped as it lands (as a real step streams it
+    out), so the GPU holds no more than in a real step."""
     engine.pipeline.wait_all()
     saved = engine.config.batch.grad_accum
     engine.config.batch.grad_accum = 1 << 30
+    drop = [p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+            for p in engine.module.parameters() if p.requires_grad]
     times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(a.accum):
-            loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
-            engine.backward(loss)
-            engine.micro_step += 1
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        for p in engine.module.parameters():
-            p.grad = None
-    engine.config.batch.grad_accum, engine.micro_step = saved, 0
-    torch.cuda.reset_peak_memory_stats()
+    try:
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(a.accum):
+                loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
+                engine.backward(loss)
+                engine.micro_step += 1
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    finally:
+        for h in drop:
+            h.remove()
+        engine.config.batch.grad_accum, engine.micro_step = saved, 0
     return statistics.median(times[1:])
 
 
@@ -121,6 +124,15 @@ def link_alone(engine) -> float:
     return time.perf_counter() - t
 
 
+def _rss_now() -> int:
+    """Resident set now (ru_maxrss is the peak, which includes the state before the tail moved)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen3-4b", choices=sorted(SHAPES))
@@ -128,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=4, help="steps before timing (the automatic placement "
+                    "settles after step 4)")
     ap.add_argument("--clip", default="1.0", help="comma-separated clip values, one measured phase each (0: off)")
     ap.add_argument("--speculate", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=-1.0, help="offload.ratio; < 0: automatic")
@@ -136,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--recompute", default="auto", choices=["auto", "all"])
     a = ap.parse_args(argv)
 
     import heavylift
@@ -153,16 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     ec.offload.ratio = None if a.ratio < 0 else a.ratio
     ec.offload.state_format, ec.offload.kernel = a.state_format, a.kernel
     ec.loss_chunk_tokens = a.loss_chunk_tokens
+    ec.compile, ec.recompute = a.compile, a.recompute
     engine = heavylift.initialize(model=model, config=ec)[0]
     init_s = time.perf_counter() - t0
     tokens = a.mbs * a.seq * a.accum
     flops = model_flops_per_token(cfg, nparams, a.seq) * tokens
-    fwd_bwd_s = fwd_bwd_alone(engine, cfg, a)
     phases = []
     for clip in clips:
         phases.append(measure_steps(engine, cfg, a, clip))
         print("phase", json.dumps(phases[-1]), file=sys.stderr, flush=True)
-    floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": engine.pipeline.time_host_pass(),
+    floor = {"fwd_bwd_s": fwd_bwd_alone(engine, cfg, a), "cpu_optimizer_s": engine.pipeline.time_host_pass(),
              "link_s": link_alone(engine)}
     floor["floor_s"] = max(floor.values())
     common = {
@@ -172,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
         "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
         "cpu_threads": engine.pipeline.cpu_threads, "init_s": round(init_s, 1),
+        "compile": ec.compile, "recompute": ec.recompute,
+        "blocks_recomputing": sum(checkpointed(b) for b in (engine.placement.blocks if engine.placement else [])),
+        "placement": engine.placement.log if engine.placement else [],
+        "host_rss_now_gib": round(_rss_now() / 2**30, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "floor": {k: round(v, 4) for k, v in floor.items()},

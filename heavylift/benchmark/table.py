@@ -26,6 +26,8 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
     peak = ceilings.get("matmul_tflops")
     for entry in systems.values():
         if entry is not None:
+            if entry["tflops"] is None:  # a partial peer run: the same work in its measured time
+                entry["tflops"] = step["tflops"] * step["step_s"] / entry["step_s"]
             entry["mfu"] = entry["tflops"] / peak if peak else None
     ran = [v["tokens_per_s"] for k, v in systems.items() if k != "heavylift" and v is not None]
     tokens = case["seq"] * case["micro_batch"] * case["accumulation"] * case["gpus"]
@@ -36,7 +38,9 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
         "heavylift": {"step_over_floor": step["step_s"] / step["floor"]["floor_s"],
                       "over_best_peer": step["tokens_per_s"] / max(ran) if ran else None,
                       "forward_wait_s": step["forward_wait_s"], "speculation": step.get("speculation"),
-                      "tail_buckets": step["tail_buckets"], "buckets": step["buckets"]},
+                      "tail_buckets": step["tail_buckets"], "buckets": step["buckets"],
+                      "blocks_recomputing": step.get("blocks_recomputing"), "placement": step.get("placement", []),
+                      "compile": step.get("compile"), "host_rss_now_gib": step.get("host_rss_now_gib")},
         "notes": notes,
     }
 
@@ -52,8 +56,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | - | - | - | - | - | - |  ({result['notes'].get(name, 'not run')})")
             continue
         mfu = f"{e['mfu']:.1%}" if e.get("mfu") is not None else "-"
+        gib = [f"{e[k]:.1f}" if e.get(k) is not None else "-" for k in ("peak_gpu_gib", "host_gib")]
+        note = f"  ({result['notes'][name]})" if result["notes"].get(name) else ""
         lines.append(f"| {name} | {e['step_s']:.3f} | {e['tokens_per_s']:,.0f} | {e['tflops']:.0f} | {mfu} | "
-                     f"{e['peak_gpu_gib']:.1f} | {e['host_gib']:.1f} |")
+                     f"{gib[0]} | {gib[1]} |{note}")
     h, f = result["heavylift"], result["floor_parts_s"]
     best = f"{h['over_best_peer']:.2f}x the best peer's tokens/s" if h["over_best_peer"] else "no peer ran"
     lines += ["", f"heavylift: {best}; step / floor = {h['step_over_floor']:.2f} (floor {result['floor_s']:.3f} s = "
@@ -61,4 +67,7 @@ def markdown(result: dict) -> str:
               f"each measured alone); exposed optimizer wait {h['forward_wait_s']:.3f} s; GPU tail "
               f"{h['tail_buckets']}/{h['buckets']} buckets.",
               f"ceilings floor (matmul rate, kernel rate, duplex link): {result['ceilings_floor']['floor_s']:.3f} s."]
+    if h.get("placement"):
+        lines += ["", f"heavylift placement (compile {h.get('compile')}, {h.get('blocks_recomputing')} blocks recompute, "
+                  f"host RSS after the steps {h.get('host_rss_now_gib')} GiB):"] + [f"- {m}" for m in h["placement"]]
     return "\n".join(lines) + "\n"

@@ -100,6 +100,12 @@ class EngineConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     activation_checkpointing: bool = True
+    # With activation checkpointing on a GPU: "auto" lets blocks stop recomputing once the first steps
+    # have measured the memory they would keep (heavylift/offload/placement.py); "all" recomputes every block.
+    recompute: str = "auto"
+    # torch.compile each decoder block's norms, attention and MLP (heavylift/shard/compile.py): "auto" on
+    # CUDA only, "on", "off".
+    compile: str = "auto"
     # The causal-LM loss in chunks of this many tokens, never holding fp32 logits for the whole batch
     # (heavylift/models/loss.py); 0 keeps the model's own loss.
     loss_chunk_tokens: int = 8192
@@ -137,6 +143,8 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.state_format in ("fp32", "bf16-moments"), "offload.state_format", f.state_format,
            "fp32 or bf16-moments")
     _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
+    _check(cfg.recompute in ("auto", "all"), "recompute", cfg.recompute, "auto or all")
+    _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
     _check(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", cfg.loss_chunk_tokens, "0 (off) or an integer >= 1")
     b = cfg.batch
     _check(b.micro_batch_size >= 1, "batch.micro_batch_size", b.micro_batch_size, "an integer >= 1")

@@ -97,6 +97,7 @@ class OffloadPipeline:
         self._pending: list[_Pending] = [_Pending() for _ in buckets]
         self.stats = {"speculated": 0, "redone": 0, "undone": 0}  # buckets, over the run
         self.wait_seconds = 0.0  # autograd thread blocked in forward pre-hooks (exposed optimizer time)
+        self.cpu_seconds, self.cpu_params = 0.0, 0  # speculative CPU steps: their measured rate
         self._speculate_now = speculate
         self._last_committed = True
         self.boundary = False
@@ -296,6 +297,7 @@ class OffloadPipeline:
         del grads  # device memory may be reused now that the copy has completed
         if self._speculate_now and math.isfinite(float(host_sumsq)):
             self._wait_upload(b)
+            t0 = time.perf_counter()
             if self._double_buffered:
                 self._native_step(pend.active, self.inv_scale, into_back=True)
                 self._upload(b, back=True)
@@ -303,6 +305,8 @@ class OffloadPipeline:
                 take_snapshot(pend.active)
                 self._step_slots(pend.active, self.inv_scale, 1.0)
                 self._upload(b)
+            self.cpu_seconds += time.perf_counter() - t0  # the kernel, as the worker runs it mid-backward
+            self.cpu_params += sum(s.master.numel() for s in pend.active)
             pend.spec_ok = True
             self.stats["speculated"] += 1
         pend.speculated.set()
@@ -323,7 +327,10 @@ class OffloadPipeline:
                 self._upload(b)
         elif not found_inf:
             self._wait_upload(b)
+            t0 = time.perf_counter()
             self._step_slots(pend.active, self.inv_scale, coef)
+            self.cpu_seconds += time.perf_counter() - t0
+            self.cpu_params += sum(s.master.numel() for s in pend.active)
             self._upload(b)
         self._final[b].set()
 

@@ -29,3 +29,40 @@ def buckets_to_move(host_numels: list[int], budget_params: int) -> int:
         used += n
         moved += 1
     return moved
+
+
+def tail_for_hiding(host_numels: list[int], needed_at: list[float], params_per_s: float) -> int:
+    """How many host buckets (arrival order; moved last-arriving first) must join the GPU tail so that a
+    clipped step hides: after backward the CPU re-steps the host buckets one by one in forward order, and
+    each must be done before the next forward reaches it.
+
+    ``needed_at[i]`` is when (seconds after the step) the forward needs bucket ``i``. Moving the buckets
+    needed first (the last to arrive) both removes their CPU time and gives the rest more forward to hide
+    behind, so the answer is the smallest suffix that makes every remaining deadline.
+    """
+    if params_per_s <= 0:
+        return 0
+    n = len(host_numels)
+    for moved in range(n + 1):
+        done, ok = 0.0, True
+        for i in reversed(range(n - moved)):  # forward order: last-arriving first
+            done += host_numels[i] / params_per_s
+            if done > needed_at[i]:
+                ok = False
+                break
+        if ok:
+            return moved
+    return n
+
+
+def forward_deadlines(unit_of_bucket: list[int], unit_numels: dict[int, int], root_unit: int,
+                      forward_s: float) -> list[float]:
+    """When the next forward reaches each bucket's unit, if forward time goes with block size: the root
+    unit (embeddings) at 0, block ``u`` after the blocks before it."""
+    blocks = sorted(u for u in unit_numels if u != root_unit)
+    total = sum(unit_numels[u] for u in blocks) or 1
+    start, acc = {root_unit: 0.0}, 0
+    for u in blocks:
+        start[u] = forward_s * acc / total
+        acc += unit_numels[u]
+    return [start[u] for u in unit_of_bucket]

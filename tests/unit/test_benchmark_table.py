@@ -34,3 +34,18 @@ def test_assemble_has_the_schema_and_the_ratios():
 def test_bench_refuses_without_a_gpu(capsys):
     assert main(["bench", "--model", "tiny"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_peer_stopped_at_its_limit_is_timed_from_its_steps_after_warmup():
+    from heavylift.benchmark.peers import partial_result
+
+    out = "# ds-super step 0 28.9s loss 12.4\n# ds-super step 1 8.4s loss 12.4\n# ds-super step 2 6.8s loss 12.4\n"
+    res, note, _ = partial_result(out + "# ds-super step 3 6.6s loss 12.4\n", warmup=2, seq=4096, mbs=4,
+                                  timeout_s=200)
+    assert abs(res["step_s"] - 6.7) < 1e-9 and "partial" in note and "[6.8, 6.6]" in note
+    assert partial_result("# ds-super step 0 28.9s loss 1\n", warmup=2, seq=1, mbs=1, timeout_s=9)[0] is None
+    r = assemble(CASE, "NVIDIA H100", "abc", "2026-11-28", CEIL, STEP, {"deepspeed-superoffload": res},
+                 {"deepspeed-superoffload": note})
+    assert abs(r["systems"]["deepspeed-superoffload"]["tflops"] - 290.0 * 1.5 / 6.7) < 1e-9
+    md = markdown(r)
+    assert "| deepspeed-superoffload | 6.700 |" in md and "partial: timed out" in md

@@ -21,7 +21,7 @@ KEYS = [
     "engine.offload.speculate", "engine.offload.bucket_params", "engine.offload.kernel",
     "engine.offload.state_format",
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
-    "engine.activation_checkpointing", "engine.loss_chunk_tokens", "engine.seed",
+    "engine.activation_checkpointing", "engine.recompute", "engine.compile", "engine.loss_chunk_tokens", "engine.seed",
 ]
 SUBCOMMANDS = {"train", "report", "estimate", "export", "bench"}
 

@@ -1,6 +1,7 @@
 """GPU-tail sizing from measured memory (pure arithmetic)."""
 
-from heavylift.offload.tail import MARGIN_BYTES, buckets_to_move, tail_budget_params
+from heavylift.offload.tail import (MARGIN_BYTES, buckets_to_move, forward_deadlines, tail_budget_params,
+                                    tail_for_hiding)
 
 GiB = 1024**3
 
@@ -20,3 +21,30 @@ def test_moves_last_arriving_buckets_first_and_stops_at_budget():
     assert buckets_to_move(numels, 79) == 1
     assert buckets_to_move(numels, 80) == 2
     assert buckets_to_move(numels, 10_000) == 4
+
+
+def test_hiding_needs_no_tail_when_the_cpu_keeps_up():
+    # 4 equal host buckets, forward needs them at 0.1 s intervals starting 0.1 s after the step;
+    # the CPU re-steps one in 0.05 s: every deadline holds
+    numels = [100] * 4
+    deadlines = [0.4, 0.3, 0.2, 0.1]  # arrival order: the last to arrive is needed first
+    assert tail_for_hiding(numels, deadlines, params_per_s=2000) == 0
+
+
+def test_hiding_moves_the_buckets_needed_first():
+    numels = [100] * 4
+    deadlines = [0.4, 0.3, 0.2, 0.1]
+    # 0.08 s per bucket: done at 0.08, 0.16, 0.24, 0.32 against 0.1, 0.2, 0.3, 0.4
+    assert tail_for_hiding(numels, deadlines, params_per_s=1250) == 0
+    # 0.15 s per bucket: moving 1 leaves done times 0.15, 0.30, 0.45 against 0.2, 0.3, 0.4 -> fail; 2 -> 0.15, 0.3
+    assert tail_for_hiding(numels, deadlines, params_per_s=100 / 0.15) == 2
+    # a CPU far too slow: everything must move
+    assert tail_for_hiding(numels, deadlines, params_per_s=1.0) == 4
+    assert tail_for_hiding(numels, deadlines, params_per_s=0.0) == 0  # no measurement: no opinion
+
+
+def test_forward_deadlines_follow_block_sizes_and_put_the_root_first():
+    unit_numels = {0: 100, 1: 100, 2: 200, 3: 50}  # unit 3 is the root (embeddings)
+    # buckets in arrival order: block 2 (two buckets), block 1, block 0, root
+    d = forward_deadlines([2, 2, 1, 0, 3], unit_numels, root_unit=3, forward_s=1.0)
+    assert d == [0.5, 0.5, 0.25, 0.0, 0.0]

@@ -1,0 +1,143 @@
+"""Spending the GPU memory the first steps leave: GPU tail (optimizer state on the card) versus blocks
+that keep their activations instead of recomputing them.
+
+Both buy time with memory; which is worth more depends on what is exposed. The tail removes CPU work
+from the critical path: after a clipped step the CPU re-steps every host bucket, in forward order, and
+the next forward must not catch up with it. Keeping activations removes a block's recompute from the
+GPU's own time. So the tail first gets what hiding needs, then blocks stop recomputing, then the tail
+takes whatever is left (state on the GPU never costs GPU time worth speaking of)::
+
+    step 1   compile warm-up (first forward compiles); nothing decided
+    step 2   measured: peak memory, one forward, the CPU kernel's rate mid-backward
+             -> tail grows to what hiding a clipped step needs (offload/tail.py tail_for_hiding)
+             -> one block stops recomputing; a probe records what it keeps (shard/recompute.py)
+    step 3   measured: the new peak -> as many more blocks stop recomputing as the spare memory holds
+    step 4   measured: the new peak -> the tail grows into what is left (tail_budget_params)
+
+Each decision reads the peak since the previous one; a skipped step (inf/NaN) decides nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from heavylift.offload.tail import (MARGIN_BYTES, MARGIN_FRACTION, TAIL_BYTES_PER_PARAM, buckets_to_move,
+                                    forward_deadlines, tail_for_hiding)
+from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkpointed, set_checkpointed
+
+log = logging.getLogger("heavylift")
+
+
+class AutoPlacement:
+    def __init__(self, engine, blocks: list[nn.Module], tail: bool, recompute: bool):
+        self.engine, self.blocks = engine, blocks
+        self.tail, self.recompute = tail, recompute and bool(blocks) and all(checkpointed(b) for b in blocks)
+        self.device = engine.device
+        self.total = torch.cuda.get_device_properties(self.device).total_memory
+        self.stage = 1
+        self.probe: ActivationProbe | None = None
+        self._fwd = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self._timing = False
+        self.log: list[str] = []  # the decisions, for the startup plan and the benchmark
+
+    @property
+    def active(self) -> bool:
+        return self.stage <= 4 and (self.tail or self.recompute)
+
+    # ---- measurements -------------------------------------------------------------------------
+    def forward_started(self) -> None:
+        if self.active and torch.is_grad_enabled():
+            self._fwd[0].record()
+            self._timing = True
+
+    def backward_started(self) -> None:
+        if self._timing:
+            self._fwd[1].record()
+            self._timing = False
+
+    def _forward_s(self) -> float:
+        self._fwd[1].synchronize()
+        return self._fwd[0].elapsed_time(self._fwd[1]) / 1e3
+
+    def _spare(self) -> int:
+        """Bytes the peak since the last decision left, after the margin (negative: over the margin)."""
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return int(self.total * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES - peak)
+
+    # ---- decisions ------------------------------------------------------------------------------
+    def after_step(self, skipped: bool) -> None:
+        if not self.active or skipped:
+            return
+        stage, self.stage = self.stage, self.stage + 1
+        if stage == 1:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif stage == 2:
+            self._stage2()
+        elif stage == 3:
+            self._stage3()
+        else:
+            self._grow_tail_into(self._spare(), "the memory left")
+
+    def _stage2(self) -> None:
+        e = self.engine
+        spare, fwd = self._spare(), self._forward_s()
+        p = e.pipeline
+        rate = p.cpu_params / p.cpu_seconds if p.cpu_seconds > 0 else 0.0
+        host = e.buckets[: e.first_tail]
+        if self.tail and host and rate > 0:
+            unit_numels: dict[int, int] = {}
+            for b in e.buckets:
+                unit_numels[b.spec.unit] = unit_numels.get(b.spec.unit, 0) + b.spec.numel
+            deadlines = forward_deadlines([b.spec.unit for b in host], unit_numels, max(unit_numels), fwd)
+            need = tail_for_hiding([b.spec.numel for b in host], deadlines, rate)
+            fits = buckets_to_move([b.spec.numel for b in host], max(spare, 0) // TAIL_BYTES_PER_PARAM)
+            n = min(need, fits)
+            moved = sum(b.spec.numel for b in host[len(host) - n:])
+            spare -= moved * TAIL_BYTES_PER_PARAM
+            e.grow_tail(n)
+            self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
+                       f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits {fits})")
+        if self.recompute and spare > 0:
+            block = self.blocks[-1]
+            set_checkpointed(block, False)
+            self.probe = ActivationProbe(block, self.device)
+            self._note("probe: the last block keeps its activations for one step")
+        elif self.recompute:
+            self.recompute = False
+
+    def _stage3(self) -> None:
+        spare = self._spare()
+        if self.probe is None:
+            return
+        per_block = self.probe.bytes
+        self.probe.remove()
+        self.probe = None
+        candidates = [b for b in reversed(self.blocks) if checkpointed(b)]
+        n = min(blocks_to_uncheck(spare, per_block), len(candidates))
+        if per_block <= 0 or spare < 0:  # the probe block itself broke the margin: it recomputes again
+            set_checkpointed(self.blocks[-1], True)
+            self._note("probe block checkpointed again: no memory to spare")
+            return
+        for b in candidates[:n]:
+            set_checkpointed(b, False)
+        kept = sum(not checkpointed(b) for b in self.blocks)
+        self._note(f"{kept} of {len(self.blocks)} blocks keep their activations ({per_block / 2**30:.2f} GiB each, "
+                   f"measured)")
+
+    def _grow_tail_into(self, spare: int, why: str) -> None:
+        e = self.engine
+        if not self.tail or spare <= 0:
+            return
+        n = buckets_to_move([b.spec.numel for b in e.buckets[: e.first_tail]], spare // TAIL_BYTES_PER_PARAM)
+        if n:
+            e.grow_tail(n)
+            self._note(f"tail +{n} buckets into {why}")
+
+    def _note(self, msg: str) -> None:
+        self.log.append(msg)
+        if self.engine.env.is_main:
+            log.info("placement: %s", msg)
