@@ -40,7 +40,7 @@ class AutoPlacement:
         self.stage = 1
         self.probe: ActivationProbe | None = None
         self._fwd = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        self._timing = False
+        self._timing, self._wait0, self._waited = False, 0.0, 0.0
         self.log: list[str] = []  # the decisions, for the startup plan and the benchmark
 
     @property
@@ -51,16 +51,18 @@ class AutoPlacement:
     def forward_started(self) -> None:
         if self.active and torch.is_grad_enabled():
             self._fwd[0].record()
-            self._timing = True
+            self._timing, self._wait0 = True, self.engine.pipeline.wait_seconds
 
     def backward_started(self) -> None:
         if self._timing:
             self._fwd[1].record()
-            self._timing = False
+            self._timing, self._waited = False, self.engine.pipeline.wait_seconds - self._wait0
 
     def _forward_s(self) -> float:
+        """The forward's own GPU time: the time it stood waiting for the optimizer does not count (it is
+        what the tail is there to remove)."""
         self._fwd[1].synchronize()
-        return self._fwd[0].elapsed_time(self._fwd[1]) / 1e3
+        return max(self._fwd[0].elapsed_time(self._fwd[1]) / 1e3 - self._waited, 0.0)
 
     def _spare(self) -> int:
         """Bytes the peak since the last decision left, after the margin (negative: over the margin)."""
