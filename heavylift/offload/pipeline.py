@@ -25,6 +25,7 @@ its memory to someone else early.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -297,16 +298,13 @@ class OffloadPipeline:
         del grads  # device memory may be reused now that the copy has completed
         if self._speculate_now and math.isfinite(float(host_sumsq)):
             self._wait_upload(b)
-            t0 = time.perf_counter()
-            if self._double_buffered:
-                self._native_step(pend.active, self.inv_scale, into_back=True)
-                self._upload(b, back=True)
-            else:
-                take_snapshot(pend.active)
-                self._step_slots(pend.active, self.inv_scale, 1.0)
-                self._upload(b)
-            self.cpu_seconds += time.perf_counter() - t0  # the kernel, as the worker runs it mid-backward
-            self.cpu_params += sum(s.master.numel() for s in pend.active)
+            with self._timed(pend.active):
+                if self._double_buffered:
+                    self._native_step(pend.active, self.inv_scale, into_back=True)
+                else:
+                    take_snapshot(pend.active)
+                    self._step_slots(pend.active, self.inv_scale, 1.0)
+            self._upload(b, back=self._double_buffered)
             pend.spec_ok = True
             self.stats["speculated"] += 1
         pend.speculated.set()
@@ -327,10 +325,8 @@ class OffloadPipeline:
                 self._upload(b)
         elif not found_inf:
             self._wait_upload(b)
-            t0 = time.perf_counter()
-            self._step_slots(pend.active, self.inv_scale, coef)
-            self.cpu_seconds += time.perf_counter() - t0
-            self.cpu_params += sum(s.master.numel() for s in pend.active)
+            with self._timed(pend.active):
+                self._step_slots(pend.active, self.inv_scale, coef)
             self._upload(b)
         self._final[b].set()
 
@@ -341,7 +337,8 @@ class OffloadPipeline:
             if coef != 1.0:
                 self.stats["redone"] += 1
                 self._wait_upload(b)
-                self._native_step(pend.active, self.inv_scale * coef, into_back=True)
+                with self._timed(pend.active):
+                    self._native_step(pend.active, self.inv_scale * coef, into_back=True)
                 self._upload(b, back=True)
             flip(pend.active)
             for s in pend.active:
@@ -352,10 +349,20 @@ class OffloadPipeline:
             self._upload(b)
         elif not found_inf:
             self._wait_upload(b)
-            self._step_slots(pend.active, self.inv_scale, coef)
+            with self._timed(pend.active):
+                self._step_slots(pend.active, self.inv_scale, coef)
             self._upload(b)
 
     # ---- shared helpers -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _timed(self, slots: list[Slot]):
+        """Count a CPU step's seconds and parameters: the kernel's rate as the worker really runs it
+        (mid-backward, beside the next forward), which the automatic placement plans with."""
+        t0 = time.perf_counter()
+        yield
+        self.cpu_seconds += time.perf_counter() - t0
+        self.cpu_params += sum(s.master.numel() for s in slots)
+
     def _native_step(self, slots: list[Slot], grad_mul: float, into_back: bool) -> None:
         """heavylift's out-of-place kernel: reads the state, writes the back buffers (or in place);
         step counters advance only on commit."""
