@@ -36,6 +36,7 @@ from heavylift.shard.compile import wanted as compile_wanted
 from heavylift.shard.fsdp import apply_fsdp, find_blocks
 from heavylift.shard.gather import gather_full
 from heavylift.shard.layout import local_shape
+from heavylift.shard.recompute import checkpointed, set_checkpointed
 from heavylift.shard.values import (MaterializedValues, MetaInitValues, SafetensorsValues, init_buffers,
                                     is_meta)
 
@@ -208,6 +209,7 @@ class Engine:
             idx = unit_buckets.get(u, [])
             module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
         self.first_tail = first_tail
+        self.blocks = blocks
         self.placement = None
         if self.device.type == "cuda":
             self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,
@@ -348,6 +350,25 @@ class Engine:
         log.info("GPU tail grown to %d of %d buckets", len(self.buckets) - new_first,
                  len(self.buckets))
         self.first_tail = new_first
+
+    # ---- placement, as checkpoints record it ----------------------------------------------------------
+    def placement_state(self) -> dict:
+        """Where the steps put things: how many buckets step on the GPU, which blocks recompute. A resume
+        must continue with the same (the GPU tail and the CPU kernel round differently)."""
+        return {"tail_buckets": len(self.buckets) - self.first_tail,
+                "recomputing": [checkpointed(b) for b in self.blocks]}
+
+    def restore_placement(self, state: dict | None) -> None:
+        """Apply a checkpoint's placement (same rank count) and stop adapting: the resumed run steps
+        exactly as the saved one did."""
+        if not state:
+            return
+        self.grow_tail(state["tail_buckets"] - (len(self.buckets) - self.first_tail))
+        if self.config.activation_checkpointing and len(state["recomputing"]) == len(self.blocks):
+            for block, on in zip(self.blocks, state["recomputing"]):
+                set_checkpointed(block, on)
+        if self.placement is not None:
+            self.placement.settle()
 
     # ---- reading the fp32 master weights --------------------------------------------------------------
     @torch.no_grad()

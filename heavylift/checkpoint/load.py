@@ -86,6 +86,8 @@ def load(engine, directory: str | os.PathLike, tag: str = "latest") -> dict:
     rng_state = torch.load(rank_path, weights_only=True) if rank_path.is_file() else None
 
     engine.pipeline.wait_all()
+    if meta["world_size"] == world:  # on another rank count the buckets differ: the placement starts afresh
+        engine.restore_placement(meta.get("placement"))
     dcp.load(tensor_state(engine), storage_reader=dcp.FileSystemReader(root / paths.STATE))
     refresh_device_params(engine)
     apply_scalar_state(engine, meta)

@@ -118,6 +118,7 @@ def scalar_state(engine) -> dict:
         "param_groups": groups,
         "engine_config": dataclasses.asdict(engine.config),
         "params": param_table(engine),
+        "placement": engine.placement_state(),
     }
 
 

@@ -47,6 +47,13 @@ class AutoPlacement:
     def active(self) -> bool:
         return self.stage <= 4 and (self.tail or self.recompute)
 
+    def settle(self) -> None:
+        """Decide nothing more (a resumed run keeps its checkpoint's placement)."""
+        if self.probe is not None:
+            self.probe.remove()
+            self.probe = None
+        self.stage = 5
+
     # ---- measurements -------------------------------------------------------------------------
     def forward_started(self) -> None:
         if self.active and torch.is_grad_enabled():

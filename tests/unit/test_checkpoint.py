@@ -139,3 +139,32 @@ def test_saving_the_same_tag_again_replaces_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "latest"]
     fresh.close()
     engine.close()
+
+
+def test_resume_keeps_the_placement_the_run_had(tmp_path):
+    """After the automatic placement moved buckets to the GPU tail (stepped by another kernel than the
+    host buckets), a resume must step the same buckets the same way: continuation stays bit-identical."""
+    def grown():
+        engine = new_engine()
+        train(engine, range(1))
+        engine.grow_tail(2)  # what the placement does after its first steps
+        return engine
+
+    straight = grown()
+    train(straight, range(1, 2 * N))
+    ref = local_state(straight)
+    straight.close()
+    engine = grown()
+    train(engine, range(1, N))
+    save(engine, tmp_path, f"step-{N}")
+    tail = len(engine.buckets) - engine.first_tail
+    engine.close()
+    resumed = new_engine(seed=5)
+    assert len(resumed.buckets) - resumed.first_tail < tail
+    load(resumed, tmp_path, "latest")
+    assert len(resumed.buckets) - resumed.first_tail == tail
+    train(resumed, range(N, 2 * N))
+    got = local_state(resumed)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.equal(a, b), f"state tensor {i} differs"
+    resumed.close()
