@@ -6,6 +6,8 @@ import json
 import pathlib
 import time
 
+import torch
+
 
 class MetricsLog:
     """``log(step, {...})`` appends one JSON line (with wall time) and one TensorBoard scalar per number."""
@@ -52,7 +54,7 @@ def peak_tflops_for(device_name: str | None) -> float | None:
 
 
 def flops_metrics(tokens_per_s_per_gpu: float, n_params: int, n_layers: int, hidden: int, seq_len: int,
-                  peak_tflops: float | None = None, recompute: bool = False) -> dict[str, float]:
+                  peak_tflops: float | None = None, recompute: bool | float = False) -> dict[str, float]:
     """Model TFLOP/s per GPU, hardware TFLOP/s per GPU and MFU (pure function; the PaLM appendix B counting).
 
     Model FLOPs per token (forward + backward = 3 x forward, causal attention counted in full, activation
@@ -65,11 +67,14 @@ def flops_metrics(tokens_per_s_per_gpu: float, n_params: int, n_layers: int, hid
 
         hardware_flops = 8*N + 16*L*h*s      (= model_flops without recompute)
 
+    ``recompute`` may be the fraction of blocks that recompute (the automatic placement lets some keep
+    their activations): the extra forward is counted for that share.
+
     ``tflops`` = model_flops * tokens/s per GPU / 1e12, ``hfu_tflops`` likewise with hardware_flops, and
     ``mfu`` = tflops / peak_tflops, present only when a peak is known (none on CPU).
     """
     model = 6 * n_params + 12 * n_layers * hidden * seq_len
-    hardware = 8 * n_params + 16 * n_layers * hidden * seq_len if recompute else model
+    hardware = model + float(recompute) * (2 * n_params + 4 * n_layers * hidden * seq_len)
     out = {"tflops": model * tokens_per_s_per_gpu / 1e12, "hfu_tflops": hardware * tokens_per_s_per_gpu / 1e12}
     if peak_tflops:
         out["mfu"] = out["tflops"] / peak_tflops
@@ -98,3 +103,33 @@ def pinned_bytes(buckets) -> int:
         return 0
     return sum(t.numel() * t.element_size() for b in buckets for t in b.flats.values()
                if t.device.type == "cpu" and t.is_pinned())
+
+
+class PhaseTimer:
+    """Forward and backward seconds of one step's micro-batches: CUDA events on a GPU (read after the step,
+    which has synchronized by then), the wall clock on CPU. ``mark()`` before each forward, after it, and
+    after each backward."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def split(self) -> tuple[float, float]:
+        """(forward s, backward s) summed over the micro-batches."""
+        fwd = bwd = 0.0
+        for start, mid, end in zip(self.marks[0::3], self.marks[1::3], self.marks[2::3]):
+            if self.cuda:
+                end.synchronize()
+                fwd += start.elapsed_time(mid) / 1e3
+                bwd += mid.elapsed_time(end) / 1e3
+            else:
+                fwd += mid - start
+                bwd += end - mid
+        return fwd, bwd

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from heavylift.data.formats import IGNORE
-from heavylift.metrics import MetricsLog, flops_metrics, host_rss_bytes, pinned_bytes
+from heavylift.metrics import MetricsLog, PhaseTimer, flops_metrics, host_rss_bytes, pinned_bytes
+from heavylift.shard.recompute import checkpointed
 
 
 @dataclass
@@ -75,11 +76,16 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
     for step in range(start_step + 1, steps + 1):
         start, tokens, losses = time.perf_counter(), 0, []
         wait0 = pipeline.wait_seconds if pipeline is not None else 0.0
+        link0 = pipeline.link_bytes() if pipeline is not None else 0
         lr = optimizer.param_groups[0]["lr"]
+        phases = PhaseTimer(cuda)
         for _ in range(grad_accum):
             batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+            phases.mark()
             loss = engine(**batch).loss
+            phases.mark()
             engine.backward(loss)
+            phases.mark()
             engine.step()
             losses.append(loss.detach().float())
             tokens += batch["input_ids"].numel()
@@ -90,8 +96,9 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
             record = {"loss": _mean_over_ranks(torch.stack(losses).mean(), engine.device), "lr": lr,
                       "grad_norm": float(result.grad_norm), "skipped": bool(result.skipped),
                       "tokens_per_s": tokens * _world() / elapsed, "step_time_s": elapsed}
+            record["forward_s"], record["backward_s"] = phases.split()
             if shape is not None:
-                recompute = bool(getattr(getattr(engine, "config", None), "activation_checkpointing", False))
+                recompute = _recompute_share(engine)
                 record.update(flops_metrics(tokens / elapsed, *shape, batch["input_ids"].shape[1],
                                             peak_tflops, recompute))
             if cuda:
@@ -100,6 +107,7 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
             record["pinned_gib"] = pinned / 2**30
             if pipeline is not None:  # forward time blocked on the overlapped CPU optimizer, this step
                 record["optim_wait_s"] = pipeline.wait_seconds - wait0
+                record["link_gbs"] = (pipeline.link_bytes() - link0) / elapsed / 1e9  # both ways, this rank
             log.log(step, record)
             records.append({"step": step, **record})
             if progress is not None:
@@ -115,6 +123,14 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
         if stop:
             break
     return records
+
+
+def _recompute_share(engine) -> float:
+    """The share of blocks that recompute their activations in backward (for hardware FLOPs)."""
+    blocks = getattr(engine, "blocks", None)
+    if blocks:
+        return sum(checkpointed(b) for b in blocks) / len(blocks)
+    return float(bool(getattr(getattr(engine, "config", None), "activation_checkpointing", False)))
 
 
 def _model_shape(model) -> tuple[int, int, int] | None:

@@ -98,7 +98,8 @@ class OffloadPipeline:
         self._pending: list[_Pending] = [_Pending() for _ in buckets]
         self.stats = {"speculated": 0, "redone": 0, "undone": 0}  # buckets, over the run
         self.wait_seconds = 0.0  # autograd thread blocked in forward pre-hooks (exposed optimizer time)
-        self.cpu_seconds, self.cpu_params = 0.0, 0  # speculative CPU steps: their measured rate
+        self.cpu_seconds, self.cpu_params = 0.0, 0  # CPU steps: their measured rate
+        self._link_down = self._link_up = 0  # bytes copied device->host (autograd thread), host->device (worker)
         self._speculate_now = speculate
         self._last_committed = True
         self.boundary = False
@@ -156,6 +157,7 @@ class OffloadPipeline:
             return
         if self._cuda:
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            self._link_down += sum(g.numel() * g.element_size() for g in pend.grads)
             with torch.cuda.stream(self._d2h):
                 pend.sumsq = sum_of_squares(pend.grads)
                 for s, g in zip(pend.active, pend.grads):
@@ -222,6 +224,10 @@ class OffloadPipeline:
 
     def wait_all(self) -> None:
         self.wait_buckets(list(range(len(self.buckets))))
+
+    def link_bytes(self) -> int:
+        """Bytes that crossed the host link both ways so far (gradients down, weights up)."""
+        return self._link_down + self._link_up
 
     @property
     def cpu_threads(self) -> int:
@@ -405,6 +411,7 @@ class OffloadPipeline:
             for s, t in zip(slots, src):
                 local_of(s.device_param).copy_(t)
             return
+        self._link_up += sum(t.numel() * t.element_size() for t in src)
         with torch.cuda.stream(self._h2d):
             for s, t in zip(slots, src):
                 local_of(s.device_param).copy_(t, non_blocking=True)

@@ -20,8 +20,9 @@ def test_train_tiny_end_to_end(tmp_path, capsys):
     steps = [l for l in lines if "loss" in l]
     assert [l["step"] for l in steps] == [1, 2, 3, 4]
     assert all({"lr", "grad_norm", "tokens_per_s", "tflops", "hfu_tflops", "host_rss_gib", "pinned_gib",
-                "optim_wait_s"} <= l.keys() for l in steps)
+                "optim_wait_s", "forward_s", "backward_s", "link_gbs"} <= l.keys() for l in steps)
     assert all(l["tflops"] > 0 and l["host_rss_gib"] > 0 and l["optim_wait_s"] >= 0 for l in steps)
+    assert all(0 < l["forward_s"] + l["backward_s"] <= l["step_time_s"] for l in steps)
     assert not any("mfu" in l or "gpu_peak_mem_gib" in l for l in steps)  # CPU: no peak known, no GPU memory
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]

@@ -45,6 +45,8 @@ def test_flops_metrics():
     assert r["tflops"] == m["tflops"] and r["mfu"] == m["mfu"]  # MFU never counts recompute
     assert r["hfu_tflops"] == pytest.approx((8 * n + 16 * layers * h * s) * 1e4 / 1e12)
     assert "mfu" not in flops_metrics(10_000, n, layers, h, s, peak_tflops=None)
+    half = flops_metrics(10_000, n, layers, h, s, recompute=0.5)  # half the blocks recompute
+    assert half["hfu_tflops"] == pytest.approx((7 * n + 14 * layers * h * s) * 1e4 / 1e12)
 
 
 def test_peak_table_and_host_probes():
