@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import heavylift
 from heavylift.config import EngineConfig
 from heavylift.shard.gather import gather_full
+from heavylift.optim.formats import moments_fp32
 from heavylift.optim.schedule import lr_multiplier
 
 VOCAB, SEQ, MBS = 96, 12, 2
@@ -181,13 +182,14 @@ def snapshot_state(engine) -> list[torch.Tensor]:
     out = []
     for b in engine.buckets:
         for s in b.slots:
-            out += [s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone(),
-                    s.device_param.to_local().detach().clone()]
+            out += [t.clone() for t in s.state.values()]
+            out += [s.step.clone(), s.device_param.to_local().detach().clone()]
     return out
 
 
 def gather_moments(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Full exp_avg / exp_avg_sq per parameter name, gathered from all ranks, and the largest step count."""
+    """Full exp_avg / exp_avg_sq per parameter name (fp32, dequantized), gathered from all ranks, and the
+    largest step count."""
     world = dist.get_world_size()
     out = {}
     for b in engine.buckets:
@@ -196,8 +198,9 @@ def gather_moments(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]
             step = torch.tensor([float(s.step)])
             steps = [torch.empty_like(step) for _ in range(world)]
             dist.all_gather(steps, step)
-            out[s.spec.name] = (gather_full(s.exp_avg.float(), full, torch.device("cpu")),
-                                gather_full(s.exp_avg_sq.float(), full, torch.device("cpu")),
+            m, v = moments_fp32(s.state, s.row_len)
+            out[s.spec.name] = (gather_full(m, full, torch.device("cpu")),
+                                gather_full(v, full, torch.device("cpu")),
                                 max(float(x) for x in steps))
     return out
 
