@@ -170,6 +170,7 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
     if state_before is not None:
         out["skip_bit_identical"] = all(torch.equal(a, b) for a, b in zip(state_before, state_after_skip))
     out["stats"] = dict(engine.pipeline.stats)
+    out["final_state"] = snapshot_state(engine)
     out["rel_update_error"] = (out.get("update_err_sq", 0.0) / max(out.get("update_sq", 0.0), 1e-300)) ** 0.5
     out["lr_equal"] = [g["lr"] for g in engine.optimizer.param_groups] == [g["lr"] for g in ropt.param_groups]
     engine.close()
