@@ -5,30 +5,21 @@ of the parameter's scale table (optim/quant.py)."""
 
 import dataclasses
 import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from support.checkpointing import CASE, full_state, new_engine, train
+from support.spawn import free_port, rank_env
 
 pytestmark = pytest.mark.dist
 N = 2
 INT8 = dataclasses.replace(CASE, name="int8", state_format="int8-moments")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, tmp: str, tests_dir: str) -> None:
-    sys.path.insert(0, tests_dir)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, world, port, tests_dir)
     torch.set_num_threads(1)
     from heavylift.checkpoint import load, save
     from heavylift.dist.env import shutdown
@@ -63,7 +54,7 @@ def test_int8_moments_reshard_bitwise(tmp_path):
     engine.close()
 
     tests_dir = os.path.dirname(os.path.dirname(__file__))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), tests_dir), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), tests_dir), nprocs=2, join=True)
     two = torch.load(tmp_path / "two.pt")
     _assert_same(two["loaded"], one)  # 1 -> 2
 
