@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -74,7 +75,8 @@ def main() -> None:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out.update(params=n, threads=torch.get_num_threads(), cpu=cpu, machine=platform.machine(), commit=commit,
-               torch=torch.__version__, host=a.machine, int8_row_len=a.row_len)
+               torch=torch.__version__, host=a.machine, int8_row_len=a.row_len,
+               load_avg_1min=os.getloadavg()[0])  # other jobs on the machine share its cores
     print(json.dumps(out))
 
 

@@ -43,5 +43,5 @@ def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
              f"{'; '.join(p.reasons)}")
     for n in p.notes:
         warn(f"heavylift: note: {n}")
-    warn(f"heavylift:{format_line(setup.state_format)}")
+    warn(f"heavylift: {format_line(setup.state_format).strip()}")
     return p

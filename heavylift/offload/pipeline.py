@@ -300,7 +300,7 @@ class OffloadPipeline:
             if self._double_buffered:
                 self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale, into_back=True)
                 self._upload(b, back=True)
-            else:
+            else:  # torch's kernel, fp32 state only (the compact formats are always double-buffered)
                 take_snapshot(pend.active)
                 self._step_slots(self.buckets[b], pend.active, self.inv_scale, 1.0)
                 self._upload(b)
