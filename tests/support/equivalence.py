@@ -103,7 +103,7 @@ def batches(step: int, micro: int, world: int) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (MBS, SEQ), generator=g) for _ in range(world)]
 
 
-def run_case(case: Case, fused_reference: bool = True) -> dict:
+def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     ec = engine_config(case)
@@ -170,7 +170,8 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
     if state_before is not None:
         out["skip_bit_identical"] = all(torch.equal(a, b) for a, b in zip(state_before, state_after_skip))
     out["stats"] = dict(engine.pipeline.stats)
-    out["final_state"] = snapshot_state(engine)
+    if keep_state:
+        out["final_state"] = snapshot_state(engine)
     out["rel_update_error"] = (out.get("update_err_sq", 0.0) / max(out.get("update_sq", 0.0), 1e-300)) ** 0.5
     out["lr_equal"] = [g["lr"] for g in engine.optimizer.param_groups] == [g["lr"] for g in ropt.param_groups]
     engine.close()

@@ -87,7 +87,8 @@ def test_speculation_changes_no_bit(fmt, regime):
     norm is known (in place) ends, through a clipped step or a skipped one."""
     common = dict(max_norm=0.05 if regime == "clip" else 0.0, nan_step=-1 if regime == "clip" else 4,
                   lr=1e-2, weight_decay=0.1, steps=8, state_format=fmt)
-    spec, plain = run_case(Case("spec", **common)), run_case(Case("plain", speculate=False, **common))
+    spec = run_case(Case("spec", **common), keep_state=True)
+    plain = run_case(Case("plain", speculate=False, **common), keep_state=True)
     assert spec["stats"]["redone" if regime == "clip" else "undone"] > 0 and plain["stats"]["speculated"] == 0
     assert len(spec["final_state"]) == len(plain["final_state"])
     for i, (a, b) in enumerate(zip(spec["final_state"], plain["final_state"])):
