@@ -25,9 +25,10 @@ from heavylift.models.loss import chunked_causal_lm_loss
 from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes
-from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail
 from heavylift.offload.placement import AutoPlacement
+from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail, write_master
 from heavylift.optim.adamw import AdamWHyper
+from heavylift.optim.formats import FORMATS, master_fp32
 from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
 from heavylift.optim.schedule import build_scheduler
@@ -97,6 +98,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, weights: str | None = None):
         self.config = cfg
+        self.state_format = FORMATS[cfg.offload.state_format]
         self.env: DistEnv = init_dist()
         self.device = self.env.device
         self.dtype = _DTYPES[cfg.precision.dtype]
@@ -134,7 +136,8 @@ class Engine:
         specs = plan_buckets(units, cfg.offload.bucket_params)
         ratio = cfg.offload.ratio if cfg.offload.ratio is not None else self._auto_ratio(specs)
         first_tail = split_tail(specs, ratio)
-        compact = cfg.offload.state_format != "fp32"
+        fmt = self.state_format
+        compact = fmt.name != "fp32"
         if compact and cfg.offload.kernel == "torch":
             raise ConfigError("offload.kernel", "torch", f"auto or native (state_format "
                               f"{cfg.offload.state_format!r} is stepped by heavylift's native kernel)")
@@ -155,11 +158,10 @@ class Engine:
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
                                      pin=cfg.offload.pin_memory and torch.cuda.is_available(),
                                      snapshot=speculate and native is None, tail=spec.index >= first_tail,
-                                     double_buffer=speculate and native is not None,
-                                     moment_dtype=torch.bfloat16 if compact else torch.float32)
+                                     double_buffer=speculate and native is not None, fmt=fmt)
             with torch.no_grad():
                 for slot in bucket.slots:
-                    slot.master.copy_(values.shard(slot.spec.name).reshape(slot.master.shape))
+                    write_master(slot, values.shard(slot.spec.name).reshape(slot.grad.shape))
             self.buckets.append(bucket)
         values.close()
         model.to(dtype=self.dtype)
@@ -181,7 +183,8 @@ class Engine:
                     raise AssertionError(f"shard layout mismatch for {slot.spec.name}: FSDP2 "
                                          f"{tuple(local_of(p).shape)} vs planned {tuple(slot.master.shape)}")
                 slot.device_param = p
-                if meta or weights is not None:
+                # the forward must see the master: a bf16 master is the fp32 values rounded (and stays so)
+                if meta or weights is not None or fmt.master_dtype != torch.float32:
                     with torch.no_grad():
                         local_of(p).copy_(slot.master)
                 slot_of[id(p)] = slot
@@ -224,7 +227,8 @@ class Engine:
         total = sum(s.numel for s in specs)
         root = max(s.unit for s in specs)
         tail = sum(s.numel for s in specs if s.unit == root)
-        budget = torch.cuda.get_device_properties(self.device).total_memory * 0.10 / 16
+        budget = (torch.cuda.get_device_properties(self.device).total_memory * 0.10
+                  / FORMATS[self.state_format.tail].state_bytes)
         return 1.0 - (tail / total if tail <= budget else 0.0)
 
     def _native_kernel(self, required: bool = False):
@@ -239,10 +243,11 @@ class Engine:
 
     def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False) -> bool:
         """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
-        (12 more bytes/param; without it CPU buckets step after backward: slower, same results)."""
+        (the format's back_bytes more per param, 12 for fp32; without it CPU buckets step after backward:
+        slower, same results)."""
         n = sum(s.numel for s in host_specs)
-        moments = 4 if self.config.offload.state_format != "fp32" else 8  # bytes/param, m + v
-        state, back = 8 + moments, 4 + moments  # master + grad slot + moments; a second master + moments
+        fmt = self.state_format
+        state, back = fmt.state_bytes, fmt.back_bytes  # master + moments (+ scales) + grad slot; a second set
         pin = self.config.offload.pin_memory and torch.cuda.is_available()
         speculate = self.config.offload.speculate
         # Every rank of this node allocates its share at once, and all ranks must decide alike: compare
@@ -254,7 +259,8 @@ class Engine:
             if self.env.is_main:
                 log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
                             "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
-        pinned = n * (12 if speculate and double_buffer else 8)  # gradient slot + master (+ back master)
+        # gradient slot + master (+ the back master)
+        pinned = n * (fmt.pinned_bytes + (fmt.upload_bytes if speculate and double_buffer else 0))
         check_host_memory(n * (state + back if speculate else state), pinned, pin, ranks_per_node=local,
                           available=avail)
         return speculate
@@ -373,9 +379,10 @@ class Engine:
     # ---- reading the fp32 master weights --------------------------------------------------------------
     @torch.no_grad()
     def master_weights(self) -> dict[str, torch.Tensor]:
-        """Every parameter's full fp32 master weight by name (gathered from all ranks, on CPU)."""
+        """Every parameter's full fp32 master weight by name (gathered from all ranks, on CPU); a bf16
+        master with its compensation added."""
         self.pipeline.wait_all()
-        return {slot.spec.name: gather_full(slot.master, slot.device_param.shape, self.device,
+        return {slot.spec.name: gather_full(master_fp32(slot.state), slot.device_param.shape, self.device,
                                             "master-weights all-gather")
                 for bucket in self.buckets for slot in bucket.slots}
 

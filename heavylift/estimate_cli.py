@@ -1,7 +1,8 @@
 """``heavylift estimate``: bytes per tier per rank, whether it fits, and the step-time floor.
 
     heavylift estimate --model PRESET|DIR [--gpus N] [--nodes K] [--seq S] [--mbs B] [--accum A]
-                       [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format fp32|bf16-moments]
+                       [--tail-ratio r] [--no-ac] [--no-speculate]
+                       [--state-format fp32|bf16-moments|int8-moments|bf16-master]
                        [--gpu-mem-gib G] [--host-mem-gib H]
                        [--gpu-tflops F] [--cpu-params-per-s R] [--link-gbs W]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from heavylift.config.errors import HeavyliftError
+from heavylift.config.schema import STATE_FORMATS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -35,7 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ac", action="store_true", help="activation checkpointing off")
     p.add_argument("--no-speculate", action="store_true", help="engine.offload.speculate false (no snapshot)")
     p.add_argument("--no-pin", action="store_true", help="engine.offload.pin_memory false")
-    p.add_argument("--state-format", default="fp32", help="host optimizer state format (offload.state_format: fp32 or bf16-moments)")
+    p.add_argument("--state-format", default="fp32",
+                   help=f"optimizer state format (engine.offload.state_format: {', '.join(STATE_FORMATS)}); "
+                        "its bytes/param are in the output")
     p.add_argument("--loss-chunk-tokens", type=int, default=8192,
                    help="engine.loss_chunk_tokens (0: the model's own fp32-logits loss)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")

@@ -60,8 +60,8 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
            max_shard_bytes: int = 5 * 2**30, check: bool = True) -> list[pathlib.Path]:
     """Write ``out_dir`` loadable by ``AutoModelForCausalLM.from_pretrained``; returns the files written.
 
-    ``dtype``: bf16, fp16 or fp32 (rounded from the fp32 masters). ``check``: verify the checkpoint's
-    checksums first (reads every file once).
+    ``dtype``: bf16, fp16 or fp32 (rounded from the fp32 masters; a bf16 master plus its compensation).
+    ``check``: verify the checkpoint's checksums first (reads every file once).
     """
     if dtype not in DTYPES:
         raise HeavyliftError(f"export dtype {dtype!r} is not allowed: use one of bf16, fp16, fp32")
@@ -83,7 +83,11 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     for fname, group in zip(names, groups):
         tensors = {}
         for name in group:
-            t = _read_one(reader, stored, params[name]["key"])
+            key = params[name]["key"]
+            t = _read_one(reader, stored, key)
+            comp = key.replace("master.", "master_comp.", 1)
+            if key.startswith("master.") and comp in stored:  # bf16 master: add its Kahan compensation
+                t = t.float() + _read_one(reader, stored, comp).float()
             tensors[name] = t.reshape(params[name]["shape"]).to(to).contiguous()
             del t
             weight_map[name] = fname

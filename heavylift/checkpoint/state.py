@@ -1,12 +1,16 @@
 """What a checkpoint holds of an engine, as two pure-ish mappings (no I/O here).
 
-``tensor_state``: the DCP state dict. Each trained parameter's fp32 master and Adam moments are this
-rank's dim-0 shard wrapped as ``DTensor.from_local(shard, mesh, [Shard(0)], shape=full, stride=...)``,
+``tensor_state``: the DCP state dict. Each trained parameter's master and Adam moments, in the state
+format's own form (optim/formats.py: int8 codes and their per-block scales, a bf16 master and its
+compensation, ...), are this rank's dim-0 shard wrapped as
+``DTensor.from_local(shard, mesh, [Shard(0)], shape=full, stride=...)``,
 so DCP records global offsets and a checkpoint written on W ranks loads on any other count (FSDP2 and
 DTensor both shard like ``torch.chunk``: uneven and empty trailing shards included). Host-store state
 gets a CPU mesh over the same ranks so that wrapping never copies it to the GPU. Step counts and
 persistent buffers are replicated plain tensors (DCP writes them once); frozen parameters are saved
-as the FSDP2 DTensors they are. Loading fills the very same tensors in place.
+as the FSDP2 DTensors they are. Loading fills the very same tensors in place. Per-block scales are
+``rows x blocks`` and shard along rows like their parameter (blocks never cross a row), so they reshard
+too. A checkpoint loads only into an engine of the same state format (``check_compatible``).
 
 ``scalar_state``: counters, scheduler, loss scaler, hyper-parameters, speculation policy and the
 parameter table (name -> full shape) as JSON.
@@ -24,8 +28,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from heavylift.config.errors import HeavyliftError
 
+from heavylift.optim.quant import scale_shape
+
 FORMAT = 1
-KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
 def slots(engine) -> Iterator:
@@ -78,12 +83,14 @@ def persistent_buffers(module) -> dict[str, Tensor]:
 def tensor_state(engine) -> dict[str, Tensor]:
     meshes = Meshes(engine)
     sd: dict[str, Tensor] = {}
-    for s in slots(engine):
-        full = rows_shape(s.device_param.shape)
-        for kind in KINDS:
-            local = getattr(s, kind)
-            sd[f"{kind}.{s.spec.name}"] = sharded(local, meshes.for_tensor(local), full)
-        sd[f"step.{s.spec.name}"] = s.step
+    for bucket in engine.buckets:
+        per_block = {b.kind: b.per_block for b in bucket.fmt.buffers}
+        for s in bucket.slots:
+            full = rows_shape(s.device_param.shape)
+            for kind, local in s.state.items():
+                shape = scale_shape(full) if per_block[kind] else full
+                sd[f"{kind}.{s.spec.name}"] = sharded(local, meshes.for_tensor(local), shape)
+            sd[f"step.{s.spec.name}"] = s.step
     trained = _trained_names(engine)
     for n, p in engine.module.named_parameters():
         if n not in trained:
@@ -127,6 +134,12 @@ def check_compatible(engine, meta: dict, where: str) -> None:
     if meta.get("format") != FORMAT:
         raise HeavyliftError(f"{where}: checkpoint format {meta.get('format')} is not {FORMAT}, the one this "
                              "heavylift reads")
+    saved = meta.get("engine_config", {}).get("offload", {}).get("state_format", "fp32")
+    if saved != engine.config.offload.state_format:
+        raise HeavyliftError(f"{where}: its optimizer state is in format {saved!r} but this engine's "
+                             f"offload.state_format is {engine.config.offload.state_format!r}: set "
+                             f"offload.state_format: {saved} (heavylift train: --engine.offload.state_format "
+                             f"{saved}) to resume it; heavylift does not convert optimizer state between formats")
     mine, theirs = param_table(engine), meta["params"]
     for n in mine.keys() | theirs.keys():
         if n not in theirs or n not in mine:
@@ -156,6 +169,6 @@ def apply_scalar_state(engine, meta: dict) -> None:
 
 @torch.no_grad()
 def refresh_device_params(engine) -> None:
-    """Copy the loaded fp32 masters into the (bf16) device shards the forward reads."""
+    """Copy the loaded masters into the (bf16) device shards the forward reads."""
     for s in slots(engine):
         s.device_param.to_local().copy_(s.master)

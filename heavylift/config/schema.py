@@ -13,6 +13,8 @@ from typing import Literal
 from heavylift.config.errors import ConfigError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
+StateFormatName = Literal["fp32", "bf16-moments", "int8-moments", "bf16-master"]
+STATE_FORMATS = ("fp32", "bf16-moments", "int8-moments", "bf16-master")  # optim/formats.py defines each
 ScheduleKind = Literal["constant", "warmup", "warmup_cosine", "warmup_linear"]
 
 
@@ -76,10 +78,12 @@ class OffloadConfig:
     # bytes/param of traffic); equal to torch's to fp32 rounding. "torch": torch's fused kernel
     # (bitwise torch.optim.AdamW(fused=True)). "auto": native when it compiles, else torch.
     kernel: Literal["auto", "native", "torch"] = "auto"
-    # How host optimizer state is stored. "fp32": fp32 master and moments (exact AdamW). "bf16-moments":
-    # fp32 master, moments rounded to bfloat16 after each step (12 instead of 16 bytes/param of host
-    # state, 20 instead of 28 of CPU traffic; opt-in, see docs/state-formats.md for its measured error).
-    state_format: Literal["fp32", "bf16-moments"] = "fp32"
+    # How optimizer state is stored (host bytes/param with the gradient slot). "fp32": fp32 master and
+    # moments, exact AdamW (16). The others are opt-in, not exact; docs/state-formats.md has their
+    # measured error. "bf16-moments": moments rounded to bfloat16 (12). "int8-moments": m and sqrt(v)
+    # block-quantized to 8 bits, one fp32 scale per 256 (~10). "bf16-master": bf16 master with a bf16
+    # Kahan compensation and bf16 moments (12; uploads 2 instead of 4 bytes/param, no cast).
+    state_format: StateFormatName = "fp32"
     # Target bucket size in parameters (buckets never split a parameter and never span two FSDP units).
     bucket_params: int = 200_000_000
 
@@ -140,8 +144,8 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
     _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")
-    _check(f.state_format in ("fp32", "bf16-moments"), "offload.state_format", f.state_format,
-           "fp32 or bf16-moments")
+    _check(f.state_format in STATE_FORMATS, "offload.state_format", f.state_format,
+           f"{', '.join(STATE_FORMATS[:-1])} or {STATE_FORMATS[-1]}")
     _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
     _check(cfg.recompute in ("auto", "all"), "recompute", cfg.recompute, "auto or all")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")

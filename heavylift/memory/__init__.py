@@ -5,7 +5,8 @@ Pure arithmetic: nothing here allocates a tensor on a real device (the model sha
 
 GPU, per rank (bf16 compute dtype, 2 B/param; fp32 4 B):
 - weights: the FSDP2 shards, 2 P / world.
-- GPU-tail state: 16 B/param (fp32 master, exp_avg, exp_avg_sq, gradient slot) for the tail buckets,
+- GPU-tail state: 16 B/param (fp32 master, exp_avg, exp_avg_sq, gradient slot; the tail format's bytes
+  for compact state, heavylift/optim/formats.py) for the tail buckets,
   chosen exactly as the engine does (whole buckets, last-arriving first; auto = the root unit if its
   state fits a tenth of the card; after the first step the engine grows the tail into the measured
   headroom, which this plan does not count as required).
@@ -22,9 +23,10 @@ GPU, per rank (bf16 compute dtype, 2 B/param; fp32 4 B):
   Calibrated on qwen3-4b's shape (Llama, head_dim 80: 3.67 B params), seq 4096, micro-batch 4, AC, 1 GPU:
   measured 44.42 GiB (root unit in the tail) and 64.81 GiB (offload.ratio 0.5); see tests/unit/test_memory.py.
 
-Host, per rank: pinned master + gradient slot (8 B/param, exact: the store page-locks its own buffers
-instead of using PyTorch's pinned caching allocator, which rounds each block up to a power of two), pageable moments (8 B/param), the speculation snapshot (12 B/param,
-dropped by the engine when it does not fit), the model as loaded (full, on every rank, until sharded) and
+Host, per rank (fp32 state; every format's bytes come from heavylift/optim/formats.py): pinned master +
+gradient slot (8 B/param, exact: the store page-locks its own buffers instead of using PyTorch's pinned
+caching allocator, which rounds each block up to a power of two), pageable moments (8 B/param), the
+speculation buffer set (12 B/param, its master pinned; dropped by the engine when it does not fit), the model as loaded (full, on every rank, until sharded) and
 a fixed runtime overhead (CUDA/torch libraries). NVMe: 0 (no NVMe tier yet).
 
 Step-time floor (hardware.md's model), per optimizer step, T = tokens per step over all ranks:
@@ -34,15 +36,16 @@ Step-time floor (hardware.md's model), per optimizer step, T = tokens per step o
 - T_link = link traffic per rank / bandwidth. In the current engine a host-stepped parameter costs 4 B
   down (the bf16 gradient is converted to fp32 on the GPU, then copied into the pinned fp32 slot) and
   4 B up (the fp32 master is copied up and converted to bf16 on the GPU): 8 B/param of host shard per
-  step. The two directions run on separate streams at once; the H100 box moves 84.8 GB/s both ways
-  together against 55 GB/s one way, so T_link = 8 P_host_rank / (DUPLEX x W), DUPLEX = 1.55.
+  step (6 with a bf16 master, uploaded as it is). The two directions run on separate streams at once;
+  the H100 box moves 84.8 GB/s both ways together against 55 GB/s one way, so
+  T_link = 8 P_host_rank / (DUPLEX x W), DUPLEX = 1.55.
 - floor = max of the three (they overlap); the serial sum is what an offload that does not overlap pays.
 """
 
 from __future__ import annotations
 
-from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX, PINNED_BYTES, SNAPSHOT_BYTES, STATE_FORMATS, TAIL_BYTES)  # noqa: F401
+from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX)  # noqa: F401
 from heavylift.memory.model import (ModelShape, _default_model_config, model_shape, resolve_config, shape_of_model)  # noqa: F401
-from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, estimate, floor_times, plan, render, suggest)  # noqa: F401
+from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, estimate, floor_times, format_line, plan, render, suggest)  # noqa: F401
 from heavylift.memory.machine import (_probe_adamw, _probe_link, _probe_matmul, mem_available, memlock_limit, probe_rates, this_machine)  # noqa: F401
 from heavylift.memory.preflight import (check_train, setup_for_train)  # noqa: F401

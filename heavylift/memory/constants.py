@@ -7,16 +7,8 @@ from __future__ import annotations
 GiB = 1024**3
 
 
-STATE_FORMATS = {"fp32": 16, "bf16-moments": 12}  # host bytes/param incl. gradient slot; pinned: 8 (master + grad)
-
-
-SNAPSHOT_BYTES = 12
-
-
-TAIL_BYTES = 16
-
-
-PINNED_BYTES = 8
+# Bytes per parameter of each optimizer state format (host, pinned, speculation set, GPU tail):
+# heavylift/optim/formats.py, the table the store allocates from.
 
 
 GPU_UNCERTAINTY = 0.10  # calibrated within ~2% on two points; 10% margin for shapes not measured

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import (
     AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
-    LINK_DUPLEX, PINNED_BYTES, STATE_FORMATS, TAIL_BYTES,
+    LINK_DUPLEX,
 )
 from heavylift.memory.model import ModelShape, model_shape
+from heavylift.optim.formats import FORMATS, GRAD_BYTES, StateFormat
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,17 @@ def _tail_ratio(shape: ModelShape, setup: Setup, machine: Machine) -> float:
     if machine.gpu_total_bytes is None:
         return 1.0
     root = shape.root_params / setup.world
+    tail_bytes = _tail_format(setup).state_bytes
     return 1.0 - (root / (shape.params / setup.world)
-                  if root * TAIL_BYTES <= machine.gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0.0)
+                  if root * tail_bytes <= machine.gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0.0)
+
+
+def _format(setup: Setup) -> StateFormat:
+    return FORMATS[setup.state_format]
+
+
+def _tail_format(setup: Setup) -> StateFormat:
+    return FORMATS[_format(setup).tail]
 
 
 def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -168,7 +178,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     blk = shape.max_block_params
     root = shape.root_params
     weights = db * rank_params
-    tail_state = TAIL_BYTES * tail_params
+    tail_state = int(_tail_format(setup).state_bytes * tail_params)
     if setup.activation_checkpointing:
         stored = shape.layers * tokens * h * 2
         block_run = tokens * (saved + work)
@@ -201,24 +211,29 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     gpu_items = loss_phase if peak_phase == "loss" else block_phase
 
     # ---- host ----
-    state_bytes = STATE_FORMATS[setup.state_format]
-    pinned = PINNED_BYTES * host_params  # exact: the store page-locks its own buffers (offload/pinned.py)
-    pageable = (state_bytes - PINNED_BYTES) * host_params
+    fmt = _format(setup)
+    # exact: the store page-locks its own buffers (offload/pinned.py)
+    pinned = int(fmt.pinned_bytes * host_params)
+    pageable = int((fmt.state_bytes - fmt.pinned_bytes) * host_params)
     load = setup.load_bytes * shape.params
-    snapshot = (4 + state_bytes - PINNED_BYTES) * host_params  # second master + moments (12 B/param for fp32)
+    snapshot = int(fmt.back_bytes * host_params)  # the second buffer set (12 B/param for fp32)
+    back_pinned = int(fmt.upload_bytes * host_params)  # its master, uploaded from (native kernel)
     speculate = setup.speculate
     avail = machine.host_available_bytes
     notes: list[str] = []
     # The engine decides after the model is loaded, from MemAvailable then, per rank.
     avail_then = None if avail is None else avail - setup.gpus_per_node * (setup.load_bytes * shape.params
                                                                             + HOST_RUNTIME_BYTES)
-    if speculate and avail_then is not None and setup.gpus_per_node * host_params * 28 > 0.9 * avail_then:
+    need = setup.gpus_per_node * host_params * (fmt.state_bytes + fmt.back_bytes)
+    if speculate and avail_then is not None and need > 0.9 * avail_then:
         speculate = False
-        notes.append(f"speculation snapshot ({snapshot / GiB:.1f} GiB/rank) does not fit beside the state: "
+        notes.append(f"speculation buffer set ({snapshot / GiB:.1f} GiB/rank) does not fit beside the state: "
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
-    host = {"pinned: master + grad slot" if setup.pin else "master + grad slot": pinned,
-            "pageable: exp_avg + exp_avg_sq": pageable,
-            "pageable: speculation snapshot": snapshot if speculate else 0,
+    moments = " + ".join([b.kind for b in fmt.buffers if not (b.link or b.per_block)]
+                         + ["scales"] * any(b.per_block for b in fmt.buffers))
+    host = {("pinned: " if setup.pin else "") + "master + grad slot (+ back master)": pinned + back_pinned * speculate,
+            f"pageable: {moments}": pageable,
+            "pageable: speculation buffer set (less its master)": (snapshot - back_pinned) if speculate else 0,
             "model as loaded (until sharded)": load,
             "runtime (torch, CUDA, allocator)": HOST_RUNTIME_BYTES}
     if not machine.has_cuda and machine.gpu_total_bytes is None:  # training on the CPU: the device is RAM
@@ -237,7 +252,7 @@ def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: R
     k = 8 if setup.activation_checkpointing else 6
     t_gpu = k * shape.params * setup.tokens_per_step / (setup.world * rates.gpu_tflops * 1e12)
     t_cpu = host_params_rank * setup.gpus_per_node / rates.cpu_params_per_s
-    t_link = 8 * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
+    t_link = (GRAD_BYTES + _format(setup).upload_bytes) * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
     return {"gpu": t_gpu, "cpu": t_cpu, "link": t_link, "floor": max(t_gpu, t_cpu, t_link),
             "serial": t_gpu + t_cpu + t_link}
 
@@ -314,7 +329,12 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
         if load > 0.25 * p.host_peak_node:
             out.append(f"the model is loaded in full on every rank before sharding ({load / GiB:.0f} GiB per node): "
                        "fewer ranks per node, or a loader that materializes only each rank's shards (not built yet)")
-        out.append("a compact optimizer state format (bf16 master / 8-bit moments) once one exists")
+        for name in ("bf16-moments", "int8-moments"):
+            f = FORMATS[name]
+            if f.state_bytes < _format(setup).state_bytes and ok("host", state_format=name):
+                out.append(f"engine.offload.state_format {name} ({f.state_bytes:.1f} instead of "
+                           f"{_format(setup).state_bytes:.1f} host B/param; not exact AdamW, docs/state-formats.md)")
+                break
     if p.verdicts.get("pinned") == "no":
         out.append("raise `ulimit -l` or set engine.offload.pin_memory false")
     return out
@@ -324,11 +344,20 @@ def _check_setup(s: Setup) -> None:
     for key in ("gpus_per_node", "nodes", "seq", "mbs", "accum"):
         if getattr(s, key) < 1:
             raise HeavyliftError(f"{key.replace('_', ' ')} must be an integer >= 1, not {getattr(s, key)}")
-    if s.state_format not in STATE_FORMATS:
-        raise HeavyliftError(f"state format {s.state_format!r} does not exist yet: use {', '.join(STATE_FORMATS)}")
+    if s.state_format not in FORMATS:
+        raise HeavyliftError(f"state format {s.state_format!r} does not exist: use one of {', '.join(FORMATS)}")
     if s.tail_ratio is not None and not 0.0 <= s.tail_ratio <= 1.0:
         raise HeavyliftError(f"tail ratio must be in [0, 1] (the fraction of parameters stepped on the GPU), "
                              f"not {s.tail_ratio}")
+
+
+def format_line(name: str) -> str:
+    """Bytes per parameter of a state format, as ``estimate`` and the startup plan print them."""
+    f = FORMATS[name]
+    return (f"  state format {name}: {f.state_bytes:.2f} B/param on the host with the gradient slot "
+            f"({f.pinned_bytes:g} pinned), {f.back_bytes:.2f} more while speculating; GPU tail "
+            f"{FORMATS[f.tail].state_bytes:.2f} B/param; uploads {f.upload_bytes:g} B/param; "
+            f"{'exact AdamW' if f.exact else 'not exact AdamW (docs/state-formats.md)'}")
 
 
 def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
@@ -340,6 +369,7 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
              f"grad accum {s.accum} = {s.tokens_per_step:,} tokens/step; activation checkpointing "
              f"{'on' if s.activation_checkpointing else 'off'}; state {s.state_format}; "
              f"GPU tail {p.tail_params / max(p.tail_params + p.host_params, 1):.0%} of params",
+             format_line(s.state_format),
              "", f"{'tier / item (per rank)':52s}{'bytes':>13s}"]
     phase = max(p.gpu_phases, key=p.gpu_phases.get)
     lines.append(f"GPU  (peak in the {phase} phase)")
@@ -374,7 +404,7 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
                   f"  GPU  6PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s",
                   f"  CPU  AdamW at {rates.cpu_params_per_s / 1e9:.2f} G params/s/host ({rates.sources[1]}, "
                   f"{28 * rates.cpu_params_per_s / 1e9:.0f} GB/s){'':1s}{t['cpu']:8.3f} s",
-                  f"  link 4 B/p down + 4 B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]}) x{LINK_DUPLEX} duplex"
+                  f"  link {GRAD_BYTES} B/p down + {_format(s).upload_bytes:g} B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]}) x{LINK_DUPLEX} duplex"
                   f" {t['link']:8.3f} s",
                   f"  floor (overlapped: max) {t['floor']:.3f} s = {s.tokens_per_step / t['floor']:,.0f} tokens/s; "
                   f"serial sum {t['serial']:.3f} s"]

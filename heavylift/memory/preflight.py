@@ -6,7 +6,7 @@ import os
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.machine import this_machine
-from heavylift.memory.plan import Machine, Plan, Setup, estimate
+from heavylift.memory.plan import Machine, Plan, Setup, estimate, format_line
 
 
 def setup_for_train(cfg, cuda: bool) -> Setup:
@@ -43,4 +43,5 @@ def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
              f"{'; '.join(p.reasons)}")
     for n in p.notes:
         warn(f"heavylift: note: {n}")
+    warn(f"heavylift: {format_line(setup.state_format).strip()}")
     return p

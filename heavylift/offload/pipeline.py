@@ -41,6 +41,8 @@ from heavylift.dist.cores import current_plan, pin_current_thread
 from heavylift.dist.guard import guarded
 from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
 from heavylift.optim.adamw import AdamWHyper, adamw_step_, clip_coefficient, sum_of_squares
+from heavylift.optim.compact import STEPS as TORCH_COMPACT_STEPS
+from heavylift.optim.formats import StateFormat, native_step
 
 
 @dataclass
@@ -86,8 +88,6 @@ class OffloadPipeline:
         self.speculate = speculate
         self._native = native  # heavylift's CPU kernel module, or None: torch's fused kernel
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
-        # compact moments (bf16) can only be stepped by the native kernel, in place too
-        self._compact = any(b.on_host and b.flats["exp_avg"].dtype != torch.float32 for b in buckets)
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
@@ -199,7 +199,7 @@ class OffloadPipeline:
                 self._tasks.put(("finish", b, (found_inf, coef)))
             else:
                 if not found_inf:
-                    self._step_slots(pend.active, self.inv_scale, coef)
+                    self._step_slots(bucket, pend.active, self.inv_scale, coef)
                     for s in pend.active:
                         local_of(s.device_param).copy_(s.master)
                 self._final[b].set()
@@ -241,7 +241,8 @@ class OffloadPipeline:
         """Seconds of one AdamW pass over every host bucket, the way the worker runs it (its thread count,
         its kernel), with nothing else running; the state is left as it was. For the benchmark's floor."""
         self.wait_all()
-        slots = [s for b in self.buckets if b.on_host for s in b.slots]
+        host = [b for b in self.buckets if b.on_host]
+        slots = [s for b in host for s in b.slots]
         self._step_hypers = {g: self._hypers(g) for g in self._groups}
         out: dict[str, float] = {}
 
@@ -250,17 +251,17 @@ class OffloadPipeline:
             torch.set_num_threads(self._cpu_threads)
             if self._double_buffered:  # writes the back buffers only: the state is untouched
                 t = time.perf_counter()
-                self._native_step(slots, 1.0, into_back=True)
+                self._native_step(host[0].fmt, slots, 1.0, into_back=True)
                 out["s"] = time.perf_counter() - t
                 return
-            saved = [(s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone()) for s in slots]
+            saved = [({k: v.clone() for k, v in s.state.items()}, s.step.clone()) for s in slots]
             t = time.perf_counter()
-            self._step_slots(slots, 1.0, 1.0)
+            for b in host:
+                self._step_slots(b, b.slots, 1.0, 1.0)
             out["s"] = time.perf_counter() - t
-            for s, (p, m, v, st) in zip(slots, saved):
-                s.master.copy_(p)
-                s.exp_avg.copy_(m)
-                s.exp_avg_sq.copy_(v)
+            for s, (state, st) in zip(slots, saved):
+                for k, v in state.items():
+                    s.state[k].copy_(v)
                 s.step.copy_(st)
 
         th = threading.Thread(target=run)
@@ -306,10 +307,10 @@ class OffloadPipeline:
             self._wait_upload(b)
             with self._timed(pend.active):
                 if self._double_buffered:
-                    self._native_step(pend.active, self.inv_scale, into_back=True)
-                else:
+                    self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale, into_back=True)
+                else:  # torch's kernel, fp32 state only (the compact formats are always double-buffered)
                     take_snapshot(pend.active)
-                    self._step_slots(pend.active, self.inv_scale, 1.0)
+                    self._step_slots(self.buckets[b], pend.active, self.inv_scale, 1.0)
             self._upload(b, back=self._double_buffered)
             pend.spec_ok = True
             self.stats["speculated"] += 1
@@ -327,12 +328,12 @@ class OffloadPipeline:
                 restore_snapshot(pend.active)
                 if not found_inf:
                     # the restored moments see the clipped gradient; the unscale happened in place
-                    self._step_slots(pend.active, 1.0, coef)
+                    self._step_slots(self.buckets[b], pend.active, 1.0, coef)
                 self._upload(b)
         elif not found_inf:
             self._wait_upload(b)
             with self._timed(pend.active):
-                self._step_slots(pend.active, self.inv_scale, coef)
+                self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
             self._upload(b)
         self._final[b].set()
 
@@ -344,7 +345,7 @@ class OffloadPipeline:
                 self.stats["redone"] += 1
                 self._wait_upload(b)
                 with self._timed(pend.active):
-                    self._native_step(pend.active, self.inv_scale * coef, into_back=True)
+                    self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=True)
                 self._upload(b, back=True)
             flip(pend.active)
             for s in pend.active:
@@ -356,7 +357,7 @@ class OffloadPipeline:
         elif not found_inf:
             self._wait_upload(b)
             with self._timed(pend.active):
-                self._step_slots(pend.active, self.inv_scale, coef)
+                self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
             self._upload(b)
 
     # ---- shared helpers -------------------------------------------------------------------------
@@ -367,23 +368,28 @@ class OffloadPipeline:
         t0 = time.perf_counter()
         yield
         self.cpu_seconds += time.perf_counter() - t0
-        self.cpu_params += sum(s.master.numel() for s in slots)
+        self.cpu_params += sum(s.grad.numel() for s in slots)
 
-    def _native_step(self, slots: list[Slot], grad_mul: float, into_back: bool) -> None:
+    def _native_step(self, fmt: StateFormat, slots: list[Slot], grad_mul: float, into_back: bool) -> None:
         """heavylift's out-of-place kernel: reads the state, writes the back buffers (or in place);
         step counters advance only on commit."""
         for s in slots:
             hp = self._step_hypers[self._group_of_slot(s)]
-            dst = s.back if into_back else (s.master, s.exp_avg, s.exp_avg_sq)
-            kernel = (self._native.adamw_step if s.exp_avg.dtype == torch.float32
-                      else self._native.adamw_step_bf16_moments)
-            kernel(s.master, s.exp_avg, s.exp_avg_sq, s.grad, *dst, hp.lr, hp.beta1, hp.beta2,
-                                    hp.eps, hp.weight_decay, int(s.step) + 1, grad_mul)
+            dst = s.back if into_back else s.state
+            native_step(self._native, fmt, s.state, dst, s.grad, hp, int(s.step) + 1, grad_mul, s.row_len)
 
-    def _step_slots(self, slots: list[Slot], inv_scale: float, coef: float) -> None:
-        """Unscale, clip (in place, as clip_grad_norm_ does) and AdamW-step the given slots."""
-        if slots and slots[0].exp_avg.dtype != torch.float32:
-            self._native_step(slots, inv_scale * coef, into_back=False)
+    def _step_slots(self, bucket: BucketState, slots: list[Slot], inv_scale: float, coef: float) -> None:
+        """Unscale, clip (in place, as clip_grad_norm_ does, for fp32 state; inside the step for the
+        others) and AdamW-step the given slots of ``bucket``."""
+        if bucket.fmt.name != "fp32":
+            if bucket.on_host:  # the compact formats need heavylift's CPU kernel
+                self._native_step(bucket.fmt, slots, inv_scale * coef, into_back=False)
+            else:  # GPU tail in a compact format: the same math in torch ops
+                step = TORCH_COMPACT_STEPS[bucket.fmt.name]
+                counts = torch.stack([s.step for s in slots]).tolist() if slots else []  # one sync
+                for s, n in zip(slots, counts):
+                    hp = self._step_hypers[self._group_of_slot(s)]
+                    step(s.state, s.state, s.grad, hp, int(n) + 1, inv_scale * coef, s.row_len)
             for s in slots:
                 s.step += 1
             return
@@ -403,7 +409,7 @@ class OffloadPipeline:
         slots = self.buckets[b].slots
         if back:
             pend = self._pending[b]
-            sources = {id(s): s.back[0] for s in pend.active}
+            sources = {id(s): s.back["master"] for s in pend.active}
             src = [sources.get(id(s), s.master) for s in slots]
         else:
             src = [s.master for s in slots]

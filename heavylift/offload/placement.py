@@ -24,8 +24,8 @@ import logging
 import torch
 from torch import nn
 
-from heavylift.offload.tail import (MARGIN_BYTES, MARGIN_FRACTION, TAIL_BYTES_PER_PARAM, buckets_to_move,
-                                    forward_deadlines, tail_for_hiding)
+from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, forward_deadlines, tail_for_hiding
+from heavylift.optim.formats import FORMATS
 from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkpointed, set_checkpointed
 
 log = logging.getLogger("heavylift")
@@ -36,6 +36,7 @@ class AutoPlacement:
         self.engine, self.blocks = engine, blocks
         self.tail, self.recompute = tail, recompute and bool(blocks) and all(checkpointed(b) for b in blocks)
         self.device = engine.device
+        self.tail_bytes = FORMATS[engine.state_format.tail].state_bytes  # GPU bytes per tail parameter
         self.total = torch.cuda.get_device_properties(self.device).total_memory
         self.stage = 1
         self.probe: ActivationProbe | None = None
@@ -103,10 +104,10 @@ class AutoPlacement:
                 unit_numels[b.spec.unit] = unit_numels.get(b.spec.unit, 0) + b.spec.numel
             deadlines = forward_deadlines([b.spec.unit for b in host], unit_numels, max(unit_numels), fwd)
             need = tail_for_hiding([b.spec.numel for b in host], deadlines, rate)
-            fits = buckets_to_move([b.spec.numel for b in host], max(spare, 0) // TAIL_BYTES_PER_PARAM)
+            fits = buckets_to_move([b.spec.numel for b in host], int(max(spare, 0) // self.tail_bytes))
             n = min(need, fits)
             moved = sum(b.spec.numel for b in host[len(host) - n:])
-            spare -= moved * TAIL_BYTES_PER_PARAM
+            spare -= int(moved * self.tail_bytes)
             e.grow_tail(n)
             self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
                        f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits {fits})")
@@ -141,7 +142,7 @@ class AutoPlacement:
         e = self.engine
         if not self.tail or spare <= 0:
             return
-        n = buckets_to_move([b.spec.numel for b in e.buckets[: e.first_tail]], spare // TAIL_BYTES_PER_PARAM)
+        n = buckets_to_move([b.spec.numel for b in e.buckets[: e.first_tail]], int(spare // self.tail_bytes))
         if n:
             e.grow_tail(n)
             self._note(f"tail +{n} buckets into {why}")

@@ -1,13 +1,15 @@
-"""The state store: fp32 master weights, Adam moments and gradient slots for each rank's shards.
+"""The state store: master weights, Adam moments and gradient slots for each rank's shards.
 
-One flat buffer per bucket and per kind of state, with a per-parameter view into each. Host buckets
-keep the buffers a transfer touches (gradient slot: GPU->host; master: host->GPU) in pinned memory;
-the moments and the speculation snapshot never cross the link and stay pageable. GPU-tail buckets keep
-all their state on the device. Nothing here launches work; ``offload.pipeline`` does.
+One flat buffer per bucket and per kind of state (the kinds and dtypes are the state format's,
+optim/formats.py), with a per-parameter view into each. Host buckets keep the buffers a transfer
+touches (gradient slot: GPU->host; master: host->GPU) in pinned memory; the moments and the speculation
+snapshot never cross the link and stay pageable. GPU-tail buckets keep all their state on the device,
+in the format's tail format. Nothing here launches work; ``offload.pipeline`` does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +17,9 @@ from torch import Tensor
 
 from heavylift.offload.buckets import BucketSpec, ParamSpec
 from heavylift.offload.pinned import pinned_zeros, release
+from heavylift.optim.compact import split_bf16
+from heavylift.optim.formats import FORMATS, StateFormat
+from heavylift.optim.quant import rows_and_len, scale_shape
 
 
 @dataclass
@@ -22,21 +27,33 @@ class Slot:
     """One parameter shard: its device tensor and its views into the bucket's state buffers."""
 
     spec: ParamSpec
-    master: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
+    state: dict[str, Tensor]  # the format's kinds (master, exp_avg, exp_avg_sq, ...) -> live views
     grad: Tensor
     step: Tensor  # float32 0-d, on the state's device
-    snap: tuple[Tensor, Tensor, Tensor] | None = None  # master, exp_avg, exp_avg_sq before the step
-    back: tuple[Tensor, Tensor, Tensor] | None = None  # double buffer: where the next step writes
+    row_len: int = 1  # elements per row of the shard (quantization blocks follow rows)
+    snap: dict[str, Tensor] | None = None  # the state before the step
+    back: dict[str, Tensor] | None = None  # double buffer: where the next step writes
     snap_step: float = 0.0
     device_param: Tensor | None = None  # the FSDP2 sharded parameter; ``local_of`` gives its shard
+
+    @property
+    def master(self) -> Tensor:
+        return self.state["master"]
+
+    @property
+    def exp_avg(self) -> Tensor:
+        return self.state["exp_avg"]
+
+    @property
+    def exp_avg_sq(self) -> Tensor:
+        return self.state["exp_avg_sq"]
 
 
 @dataclass
 class BucketState:
     spec: BucketSpec
     state_device: torch.device
+    fmt: StateFormat
     tail: bool = False  # GPU tail: state on the compute device, stepped there after validation
     slots: list[Slot] = field(default_factory=list)
     flats: dict[str, Tensor] = field(default_factory=dict)
@@ -65,48 +82,62 @@ def allocate_bucket(
     snapshot: bool,
     tail: bool = False,
     double_buffer: bool = False,
-    moment_dtype: torch.dtype = torch.float32,
+    fmt: StateFormat = FORMATS["fp32"],
 ) -> BucketState:
-    """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard).
+    """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard; per-block
+    scales ``rows x blocks``).
 
-    A tail bucket lives on ``state_device`` (the compute device; the CPU in CPU-only runs and tests);
-    a host bucket on the CPU, its transfer buffers pinned when ``pin``."""
-    n = spec.numel
+    A tail bucket lives on ``state_device`` (the compute device; the CPU in CPU-only runs and tests)
+    in ``fmt``'s tail format; a host bucket on the CPU, its transfer buffers pinned when ``pin``."""
     on_host = not tail
     if on_host:
         state_device = torch.device("cpu")
+    else:
+        fmt = FORMATS[fmt.tail]
+    sizes = {False: spec.numel, True: sum(math.prod(scale_shape(s)) for s in shapes)}
 
-    def buf(pinned: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    def buf(per_block: bool, dtype: torch.dtype, pinned: bool = False) -> Tensor:
         if pinned and on_host:
-            return pinned_zeros(n)
-        return torch.zeros(n, dtype=dtype, device=state_device)
+            return pinned_zeros(sizes[per_block], dtype)
+        return torch.zeros(sizes[per_block], dtype=dtype, device=state_device)
 
-    mdt = moment_dtype if on_host else torch.float32  # the GPU tail keeps fp32 moments
-    flats = {
-        "master": buf(pin),
-        "exp_avg": buf(False, mdt),
-        "exp_avg_sq": buf(False, mdt),
-        "grad": buf(pin),
-    }
-    if snapshot and on_host:
-        flats.update(snap_master=buf(False), snap_exp_avg=buf(False, mdt), snap_exp_avg_sq=buf(False, mdt))
-    if double_buffer and on_host:
-        flats.update(master_b=buf(pin), exp_avg_b=buf(False, mdt), exp_avg_sq_b=buf(False, mdt))
-    bucket = BucketState(spec, state_device, tail=tail, flats=flats)
-    off = 0
+    # "": the state; "snap_": its copy before a speculative step (torch kernel); "back_": the second set a
+    # speculative step writes (native kernel), uploaded from, so its master is pinned too
+    prefixes = [""] + ["snap_"] * (snapshot and on_host) + ["back_"] * (double_buffer and on_host)
+    flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and b.link and prefix != "snap_")
+             for prefix in prefixes for b in fmt.buffers}
+    flats["grad"] = buf(False, torch.float32, pin)
+    bucket = BucketState(spec, state_device, fmt, tail=tail, flats=flats)
+    per_block = {b.kind: b.per_block for b in fmt.buffers}
+    off = {False: 0, True: 0}
     for p, shape in zip(spec.params, shapes, strict=True):
+        n = {False: p.numel, True: math.prod(scale_shape(shape))}
 
-        def view(key: str) -> Tensor:
-            return flats[key][off: off + p.numel].view(shape)
+        def views(prefix: str) -> dict[str, Tensor]:
+            out = {}
+            for kind in fmt.kinds:
+                blk = per_block[kind]
+                flat = flats[prefix + kind][off[blk]: off[blk] + n[blk]]
+                out[kind] = flat.view(scale_shape(shape) if blk else shape)
+            return out
 
-        snap = (view("snap_master"), view("snap_exp_avg"), view("snap_exp_avg_sq")) if "snap_master" in flats else None
-        back = (view("master_b"), view("exp_avg_b"), view("exp_avg_sq_b")) if "master_b" in flats else None
         bucket.slots.append(Slot(
-            spec=p, master=view("master"), exp_avg=view("exp_avg"),
-            exp_avg_sq=view("exp_avg_sq"), grad=view("grad"), step=torch.zeros((), dtype=torch.float32, device=state_device), snap=snap, back=back,
+            spec=p, state=views(""), grad=flats["grad"][off[False]: off[False] + p.numel].view(shape),
+            step=torch.zeros((), dtype=torch.float32, device=state_device), row_len=max(rows_and_len(shape)[1], 1),
+            snap=views("snap_") if "snap_" in prefixes else None, back=views("back_") if "back_" in prefixes else None,
         ))
-        off += p.numel
+        off = {blk: off[blk] + n[blk] for blk in off}
     return bucket
+
+
+def write_master(slot: Slot, value: Tensor) -> None:
+    """Set the master weight from fp32 values (a bf16 master keeps the rounding residual too)."""
+    if "master_comp" in slot.state:
+        hi, lo = split_bf16(value)
+        slot.state["master"].copy_(hi)
+        slot.state["master_comp"].copy_(lo)
+    else:
+        slot.state["master"].copy_(value)
 
 
 def local_of(t: Tensor) -> Tensor:
@@ -117,9 +148,8 @@ def local_of(t: Tensor) -> Tensor:
 def take_snapshot(slots: list[Slot]) -> None:
     for s in slots:
         assert s.snap is not None
-        s.snap[0].copy_(s.master)
-        s.snap[1].copy_(s.exp_avg)
-        s.snap[2].copy_(s.exp_avg_sq)
+        for kind, t in s.state.items():
+            s.snap[kind].copy_(t)
         s.snap_step = float(s.step)
 
 
@@ -127,17 +157,14 @@ def flip(slots: list[Slot]) -> None:
     """Double buffer: the buffers the step wrote become the state; the old state becomes the back."""
     for s in slots:
         assert s.back is not None
-        front = (s.master, s.exp_avg, s.exp_avg_sq)
-        s.master, s.exp_avg, s.exp_avg_sq = s.back
-        s.back = front
+        s.state, s.back = s.back, s.state
 
 
 def restore_snapshot(slots: list[Slot]) -> None:
     for s in slots:
         assert s.snap is not None
-        s.master.copy_(s.snap[0])
-        s.exp_avg.copy_(s.snap[1])
-        s.exp_avg_sq.copy_(s.snap[2])
+        for kind, t in s.state.items():
+            t.copy_(s.snap[kind])
         s.step.fill_(s.snap_step)
 
 
@@ -145,14 +172,14 @@ def restore_snapshot(slots: list[Slot]) -> None:
 def migrate_to_tail(bucket: BucketState, device: torch.device) -> BucketState:
     """A copy of a host bucket whose state lives on ``device`` and steps there (the GPU tail).
 
-    Master, moments and step counts are copied exactly; the speculation snapshot is not needed on the
+    Master, moments and step counts are copied exactly (bf16 moments widen to the fp32 tail's; the
+    compact formats keep their own form on the tail); the speculation snapshot is not needed on the
     tail (it steps after validation). The caller drops the host bucket, releasing its memory."""
-    shapes = [s.master.shape for s in bucket.slots]
-    moved = allocate_bucket(bucket.spec, shapes, device, pin=False, snapshot=False, tail=True)
+    shapes = [s.grad.shape for s in bucket.slots]
+    moved = allocate_bucket(bucket.spec, shapes, device, pin=False, snapshot=False, tail=True, fmt=bucket.fmt)
     for old, new in zip(bucket.slots, moved.slots, strict=True):
-        new.master.copy_(old.master)
-        new.exp_avg.copy_(old.exp_avg)
-        new.exp_avg_sq.copy_(old.exp_avg_sq)
+        for kind, t in new.state.items():
+            t.copy_(old.state[kind])
         new.step.copy_(old.step)
         new.device_param = old.device_param
     return moved

@@ -24,9 +24,10 @@ def load():
         try:
             from torch.utils.cpp_extension import load as build
 
-            src = os.path.join(os.path.dirname(__file__), "csrc", "adamw_cpu.cpp")
+            csrc = os.path.join(os.path.dirname(__file__), "csrc")
+            src = [os.path.join(csrc, f) for f in ("adamw_cpu.cpp", "adamw_int8.cpp", "adamw_bf16_master.cpp")]
             _module = build(
-                name="heavylift_adamw_cpu", sources=[src],
+                name="heavylift_adamw_cpu", sources=src, extra_include_paths=[csrc],
                 extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
                 verbose=False,
             )

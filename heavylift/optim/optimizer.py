@@ -2,7 +2,8 @@
 
 ``param_groups`` hold the FSDP2 sharded parameters with their hyper-parameters (schedulers write
 ``lr`` here and the pipeline reads it per step); ``state`` maps each parameter to live views of its
-fp32 master and moments, wherever they live (host store or GPU tail).
+master and moments, wherever they live (host store or GPU tail), in the state format's own form
+(optim/formats.py: e.g. int8 codes and their scales, or a bf16 master and its compensation).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 s = self._slots[id(p)]
-                self.state[p] = {"step": s.step, "exp_avg": s.exp_avg, "exp_avg_sq": s.exp_avg_sq,
-                                 "master": s.master}
+                self.state[p] = {"step": s.step, **s.state}
 
     def state_dict(self):
         self._settle()

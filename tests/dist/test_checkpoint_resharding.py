@@ -5,8 +5,6 @@ rounding (support/tolerance.py's argument: N * lr * 1e-4 on the weights, 1e-4 re
 Also the primitive: uneven and empty torch.chunk shards (3 and 1 rows on 2 ranks) round-trip."""
 
 import os
-import socket
-import sys
 
 import pytest
 import torch
@@ -14,16 +12,11 @@ import torch.multiprocessing as mp
 
 from support.checkpointing import CASE, full_state, max_differences, new_engine, train
 from support.tolerance import REL
+from support.spawn import free_port, rank_env
 
 pytestmark = pytest.mark.dist
 N = 3
 UNEVEN = {"three": (3, 4), "one": (1, 5), "scalar": ()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _uneven_values() -> dict[str, torch.Tensor]:
@@ -39,9 +32,7 @@ def _uneven_state(mesh, locals_: dict[str, torch.Tensor]) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, tmp: str, tests_dir: str) -> None:
-    sys.path.insert(0, tests_dir)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, world, port, tests_dir)
     torch.set_num_threads(1)
     import torch.distributed.checkpoint as dcp
 
@@ -88,7 +79,7 @@ def test_resume_across_world_sizes(tmp_path):
     engine.close()
 
     tests_dir = os.path.dirname(os.path.dirname(__file__))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), tests_dir), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), tests_dir), nprocs=2, join=True)
 
     engine = new_engine(seed=7)
     extra = load(engine, tmp_path / "two", "latest")

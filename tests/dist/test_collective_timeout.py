@@ -1,7 +1,5 @@
 """A collective that one rank never joins ends in a HeavyliftError naming rank, world size and phase."""
 
-import os
-import socket
 import time
 
 import pytest
@@ -9,19 +7,13 @@ import torch.multiprocessing as mp
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.dist import guard
+from support.spawn import free_port, rank_env
 
 pytestmark = pytest.mark.dist
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_path: str, done) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HEAVYLIFT_COLLECTIVE_TIMEOUT_S="2")
+    rank_env(rank, 2, port, LOCAL_WORLD_SIZE="2", HEAVYLIFT_COLLECTIVE_TIMEOUT_S="2")
     import torch
     import torch.distributed as dist
 
@@ -52,7 +44,7 @@ def _worker(rank: int, port: int, out_path: str, done) -> None:
 def test_timeout_names_rank_world_and_phase(tmp_path):
     out = tmp_path / "msg.txt"
     done = mp.get_context("spawn").Event()
-    mp.spawn(_worker, args=(_free_port(), str(out), done), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out), done), nprocs=2, join=True)
     msg, elapsed, threads = out.read_text().split("|")
     assert msg.startswith("rank 0/2: timed out after 2 s in 'grad-norm all-reduce'"), msg
     assert "another rank probably died or is stuck; check its log" in msg

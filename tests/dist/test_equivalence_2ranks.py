@@ -2,28 +2,19 @@
 
 import json
 import os
-import socket
-import sys
 
 import pytest
 import torch.multiprocessing as mp
 
 from support.equivalence import CASES
 from support.tolerance import check
+from support.spawn import free_port, rank_env
 
 pytestmark = pytest.mark.dist
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str) -> None:
-    sys.path.insert(0, tests_dir)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, world, port, tests_dir)
     import torch
 
     torch.set_num_threads(1)
@@ -49,7 +40,7 @@ def two_rank_results(tmp_path_factory):
     from heavylift.optim import native
 
     native.load()  # build the kernel once here, not in two ranks racing for the same build directory
-    mp.spawn(_worker, args=(2, _free_port(), str(out), tests_dir), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), tests_dir), nprocs=2, join=True)
     results = json.loads(out.read_text())
     results["_meta_path"] = str(out) + ".meta.pt"
     return results

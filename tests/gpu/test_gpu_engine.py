@@ -22,7 +22,7 @@ def _model(seed=0):
     return LlamaForCausalLM(cfg)
 
 
-def _engine(model, ratio, speculate=True):
+def _engine(model, ratio, speculate=True, state_format="fp32"):
     import heavylift
     from heavylift.config import EngineConfig
 
@@ -30,6 +30,7 @@ def _engine(model, ratio, speculate=True):
     ec.precision.dtype = "bf16"
     ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = LR, CLIP, 0.1
     ec.offload.ratio, ec.offload.speculate = ratio, speculate
+    ec.offload.state_format = state_format
     ec.activation_checkpointing = True
     ec.compile = "off"  # the reference is the stock model: compiled bf16 rounds differently (docs/log.md)
     return heavylift.initialize(model=model, config=ec)[0]

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import heavylift
 from heavylift.config import EngineConfig
 from heavylift.shard.gather import gather_full
+from heavylift.optim.formats import moments_fp32
 from heavylift.optim.schedule import lr_multiplier
 
 VOCAB, SEQ, MBS = 96, 12, 2
@@ -102,7 +103,7 @@ def batches(step: int, micro: int, world: int) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (MBS, SEQ), generator=g) for _ in range(world)]
 
 
-def run_case(case: Case, fused_reference: bool = True) -> dict:
+def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     ec = engine_config(case)
@@ -169,6 +170,8 @@ def run_case(case: Case, fused_reference: bool = True) -> dict:
     if state_before is not None:
         out["skip_bit_identical"] = all(torch.equal(a, b) for a, b in zip(state_before, state_after_skip))
     out["stats"] = dict(engine.pipeline.stats)
+    if keep_state:
+        out["final_state"] = snapshot_state(engine)
     out["rel_update_error"] = (out.get("update_err_sq", 0.0) / max(out.get("update_sq", 0.0), 1e-300)) ** 0.5
     out["lr_equal"] = [g["lr"] for g in engine.optimizer.param_groups] == [g["lr"] for g in ropt.param_groups]
     engine.close()
@@ -181,13 +184,14 @@ def snapshot_state(engine) -> list[torch.Tensor]:
     out = []
     for b in engine.buckets:
         for s in b.slots:
-            out += [s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), s.step.clone(),
-                    s.device_param.to_local().detach().clone()]
+            out += [t.clone() for t in s.state.values()]
+            out += [s.step.clone(), s.device_param.to_local().detach().clone()]
     return out
 
 
 def gather_moments(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Full exp_avg / exp_avg_sq per parameter name, gathered from all ranks, and the largest step count."""
+    """Full exp_avg / exp_avg_sq per parameter name (fp32, dequantized), gathered from all ranks, and the
+    largest step count."""
     world = dist.get_world_size()
     out = {}
     for b in engine.buckets:
@@ -196,8 +200,9 @@ def gather_moments(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]
             step = torch.tensor([float(s.step)])
             steps = [torch.empty_like(step) for _ in range(world)]
             dist.all_gather(steps, step)
-            out[s.spec.name] = (gather_full(s.exp_avg.float(), full, torch.device("cpu")),
-                                gather_full(s.exp_avg_sq.float(), full, torch.device("cpu")),
+            m, v = moments_fp32(s.state, s.row_len)
+            out[s.spec.name] = (gather_full(m, full, torch.device("cpu")),
+                                gather_full(v, full, torch.device("cpu")),
                                 max(float(x) for x in steps))
     return out
 

@@ -1,5 +1,7 @@
 """The memory / step-time planner, ``heavylift estimate`` and the ``train`` preflight (CPU only)."""
 
+import dataclasses
+
 import pytest
 from transformers import LlamaConfig
 
@@ -37,8 +39,10 @@ def test_tiny_bytes_per_tier(tiny):
     p = plan(tiny, s, Machine(host_available_bytes=16 * GiB))
     P = tiny.params
     assert p.host_params == P and p.tail_params == 0
-    assert p.host["master + grad slot"] == 8 * P and p.host["pageable: exp_avg + exp_avg_sq"] == 8 * P
-    assert p.host["pageable: speculation snapshot"] == 12 * P and p.host["model as loaded (until sharded)"] == 4 * P
+    # speculating: the second buffer set's master (4) is pinned with the master and gradient (8)
+    assert p.host["master + grad slot (+ back master)"] == 12 * P and p.host["pageable: exp_avg + exp_avg_sq"] == 8 * P
+    assert p.host["pageable: speculation buffer set (less its master)"] == 8 * P
+    assert p.host["model as loaded (until sharded)"] == 4 * P
     assert p.gpu["weights (bf16 shards)"] == 2 * P
     saved, work = block_activation_bytes_per_token(tiny)
     tokens = 512
@@ -47,6 +51,27 @@ def test_tiny_bytes_per_tier(tiny):
     assert p.gpu_phases["block backward"] >= 2 * P + tokens * (saved + work)
     assert "compute device = CPU (weights, activations)" in p.host  # no GPU: the device is host RAM
     assert p.nvme == 0 and p.verdicts["host"] == "fits"
+
+
+@pytest.mark.parametrize("fmt,state,back,pinned,up", [
+    ("fp32", 16, 12, 8, 4), ("bf16-moments", 12, 8, 8, 4), ("int8-moments", 10 + 8 / 256, 6 + 8 / 256, 8, 4),
+    ("bf16-master", 12, 8, 6, 2)])
+def test_state_formats_bytes_per_param(tiny, fmt, state, back, pinned, up):
+    """Each format's host bytes/param (state + gradient slot), speculation set, pinned share, upload and GPU
+    tail, as the plan counts them and `estimate` prints them."""
+    from heavylift.memory import format_line
+
+    s = Setup(seq=256, mbs=2, tail_ratio=0.0, speculate=True, pin=True, state_format=fmt, loss_chunk_tokens=0)
+    p = plan(tiny, s, Machine(host_available_bytes=16 * GiB, has_cuda=True, gpu_total_bytes=80 * GiB), Rates(1, 1, 1))
+    P = tiny.params
+    state_items = [b for k, b in p.host.items() if k.startswith(("pinned", "pageable"))]
+    assert sum(state_items) == pytest.approx((state + back) * P, abs=3)
+    assert p.host["pinned: master + grad slot (+ back master)"] == int(pinned * P) + int(up * P)
+    assert p.times["link"] == pytest.approx((4 + up) * P / (1.55 * 1e9))
+    line = format_line(fmt)
+    assert f"{state:.2f} B/param on the host" in line and f"{back:.2f} more while speculating" in line
+    tail = plan(tiny, dataclasses.replace(s, tail_ratio=1.0), Machine(gpu_total_bytes=80 * GiB, has_cuda=True))
+    assert tail.gpu["GPU-tail optimizer state"] == int((16 if fmt == "bf16-moments" else state) * P)
 
 
 def test_scaling_with_world_size_and_tail(bench_shape):

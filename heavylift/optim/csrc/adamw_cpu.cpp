@@ -7,19 +7,32 @@
 // correction), in fp32 with the scalar factors computed in double.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <cmath>
-#include <cstdint>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-namespace {
+#include "common.h"
 
-void check(const at::Tensor& t, int64_t n, const char* what, at::ScalarType dtype = at::kFloat) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
-              what, " must be a contiguous ", c10::toString(dtype), " CPU tensor");
-  TORCH_CHECK(t.numel() == n, what, " has ", t.numel(), " elements, expected ", n);
-}
+namespace heavylift {
+// the compact formats, in their own files
+void adamw_step_int8_moments(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor& ms_in,
+                             const at::Tensor& v_in, const at::Tensor& vs_in, const at::Tensor& grad,
+                             const at::Tensor& p_out, const at::Tensor& m_out, const at::Tensor& ms_out,
+                             const at::Tensor& v_out, const at::Tensor& vs_out, int64_t row_len, int64_t block,
+                             double lr, double beta1, double beta2, double eps, double weight_decay,
+                             int64_t step, double grad_mul);
+void adamw_step_bf16_master(const at::Tensor& p_in, const at::Tensor& c_in, const at::Tensor& m_in,
+                            const at::Tensor& v_in, const at::Tensor& grad, const at::Tensor& p_out,
+                            const at::Tensor& c_out, const at::Tensor& m_out, const at::Tensor& v_out,
+                            double lr, double beta1, double beta2, double eps, double weight_decay,
+                            int64_t step, double grad_mul);
+}  // namespace heavylift
+
+namespace {
+using heavylift::AdamScalars;
+using heavylift::bf16_load;
+using heavylift::bf16_store;
+using heavylift::check;
 
 void adamw_step(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor& v_in,
                 const at::Tensor& grad, const at::Tensor& p_out, const at::Tensor& m_out,
@@ -28,16 +41,10 @@ void adamw_step(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor
   const int64_t n = grad.numel();
   check(p_in, n, "p_in"); check(m_in, n, "m_in"); check(v_in, n, "v_in"); check(grad, n, "grad");
   check(p_out, n, "p_out"); check(m_out, n, "m_out"); check(v_out, n, "v_out");
-  TORCH_CHECK(step >= 1, "step counts from 1");
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
-  const float step_size = static_cast<float>(lr / bc1);
-  const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  const float c1 = static_cast<float>(1.0 - beta1), c2 = static_cast<float>(1.0 - beta2);
-  const float bc2s = static_cast<float>(bc2_sqrt), epsf = static_cast<float>(eps);
-  const float gm = static_cast<float>(grad_mul);
-  const bool scale = grad_mul != 1.0, decays = weight_decay != 0.0;
+  const AdamScalars k(lr, beta1, beta2, eps, weight_decay, step, grad_mul);
+  const float step_size = k.step_size, decay = k.decay, b1 = k.b1, b2 = k.b2, c1 = k.c1, c2 = k.c2;
+  const float bc2s = k.bc2s, epsf = k.eps, gm = k.gmul;
+  const bool scale = k.scale, decays = k.decays;
   const float* pi = p_in.data_ptr<float>();
   const float* mi = m_in.data_ptr<float>();
   const float* vi = v_in.data_ptr<float>();
@@ -97,21 +104,6 @@ void adamw_step(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor
 
 // bf16 moments: m and v are stored as bfloat16 (round to nearest even), computed in fp32. 20 bytes per
 // parameter of traffic instead of 28, 4 fewer bytes of host memory per parameter per buffer set.
-inline float bf16_load(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t bf16_store(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
-  // branch-free (so the loop vectorizes); NaN becomes 0x7fc0 as in c10::BFloat16
-  return static_cast<uint16_t>(((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded) >> 16);
-}
-
 void adamw_step_bf16_moments(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor& v_in,
                              const at::Tensor& grad, const at::Tensor& p_out, const at::Tensor& m_out,
                              const at::Tensor& v_out, double lr, double beta1, double beta2, double eps,
@@ -121,22 +113,16 @@ void adamw_step_bf16_moments(const at::Tensor& p_in, const at::Tensor& m_in, con
   for (auto [t, what] : {std::pair{&m_in, "m_in"}, {&v_in, "v_in"}, {&m_out, "m_out"}, {&v_out, "v_out"}}) {
     check(*t, n, what, at::kBFloat16);
   }
-  TORCH_CHECK(step >= 1, "step counts from 1");
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const float step_size = static_cast<float>(lr / bc1);
-  const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  const float c1 = static_cast<float>(1.0 - beta1), c2 = static_cast<float>(1.0 - beta2);
-  const float bc2s = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
-  const float epsf = static_cast<float>(eps), gm = static_cast<float>(grad_mul);
-  const bool scale = grad_mul != 1.0, decays = weight_decay != 0.0;
+  const AdamScalars k(lr, beta1, beta2, eps, weight_decay, step, grad_mul);
+  const float step_size = k.step_size, b1 = k.b1, b2 = k.b2, c1 = k.c1, c2 = k.c2, bc2s = k.bc2s,
+              epsf = k.eps;
   const float* pi = p_in.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   float* po = p_out.data_ptr<float>();
-  const uint16_t* mi = reinterpret_cast<const uint16_t*>(m_in.data_ptr<at::BFloat16>());
-  const uint16_t* vi = reinterpret_cast<const uint16_t*>(v_in.data_ptr<at::BFloat16>());
-  uint16_t* mo = reinterpret_cast<uint16_t*>(m_out.data_ptr<at::BFloat16>());
-  uint16_t* vo = reinterpret_cast<uint16_t*>(v_out.data_ptr<at::BFloat16>());
+  const uint16_t* mi = heavylift::bf16_in(m_in);
+  const uint16_t* vi = heavylift::bf16_in(v_in);
+  uint16_t* mo = heavylift::bf16_out(m_out);
+  uint16_t* vo = heavylift::bf16_out(v_out);
   at::parallel_for(0, n, 1 << 14, [=](int64_t begin, int64_t end) {
     // locals (captured by value, pointers restrict) so the compiler can vectorize the loop; in place
     // (p_out == p_in) is still sound: every element is read before it is written, at the same index
@@ -147,7 +133,7 @@ void adamw_step_bf16_moments(const at::Tensor& p_in, const at::Tensor& m_in, con
     const uint16_t* __restrict__ vi_ = vi;
     uint16_t* __restrict__ mo_ = mo;
     uint16_t* __restrict__ vo_ = vo;
-    const float gmul = scale ? gm : 1.0f, dec = decays ? decay : 1.0f;
+    const float gmul = k.gmul, dec = k.decay;
 #pragma omp simd
     for (int64_t d = begin; d < end; ++d) {
       const float gv = g_[d] * gmul;
@@ -169,5 +155,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("adamw_step_bf16_moments", &adamw_step_bf16_moments,
         "out-of-place fused AdamW step, fp32 master and gradient, bf16 moments",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("adamw_step_int8_moments", &heavylift::adamw_step_int8_moments,
+        "out-of-place fused AdamW step, fp32 master and gradient, m and sqrt(v) block-quantized to 8 bits",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("adamw_step_bf16_master", &heavylift::adamw_step_bf16_master,
+        "out-of-place fused AdamW step, bf16 master with a bf16 Kahan compensation, bf16 moments",
         py::call_guard<py::gil_scoped_release>());
 }
