@@ -231,9 +231,11 @@ class Engine:
     def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False) -> bool:
         """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
         (12 more bytes/param; without it CPU buckets step after backward: slower, same results)."""
+        from heavylift.memory.constants import STATE_FORMATS
+
         n = sum(s.numel for s in host_specs)
-        moments = 4 if self.config.offload.state_format != "fp32" else 8  # bytes/param, m + v
-        state, back = 8 + moments, 4 + moments  # master + grad slot + moments; a second master + moments
+        fmt = STATE_FORMATS[self.config.offload.state_format]  # bytes/param as the store lays them out
+        state, back = fmt.host, fmt.second_set  # master + grad slot + moments; a second master + moments
         pin = self.config.offload.pin_memory and torch.cuda.is_available()
         speculate = self.config.offload.speculate
         # Every rank of this node allocates its share at once, and all ranks must decide alike: compare
@@ -245,8 +247,8 @@ class Engine:
             if self.env.is_main:
                 log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
                             "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
-        pinned = n * (12 if speculate and double_buffer else 8)  # gradient slot + master (+ back master)
-        check_host_memory(n * (state + back if speculate else state), pinned, pin, ranks_per_node=local,
+        pinned = n * (fmt.pinned + (fmt.master if speculate and double_buffer else 0))  # grad slot + master(s)
+        check_host_memory(int(n * (state + back if speculate else state)), int(pinned), pin, ranks_per_node=local,
                           available=avail)
         return speculate
 

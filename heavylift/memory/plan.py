@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import (
     AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
-    LINK_DUPLEX, PINNED_BYTES, STATE_FORMATS, TAIL_BYTES,
+    FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS, TAIL_BYTES,
 )
 from heavylift.memory.model import ModelShape, model_shape
 
@@ -24,7 +24,7 @@ class Setup:
     mbs: int = 1
     accum: int = 1
     activation_checkpointing: bool = True
-    state_format: str = "fp32"
+    state_format: str = "fp32"  # a name in STATE_FORMATS; "auto" in estimate(): the first that fits
     speculate: bool = True
     # Fraction of parameters whose optimizer state is on the GPU (= 1 - offload.ratio); None: as the
     # engine chooses it (the root unit if its state fits a tenth of the card, else none).
@@ -32,7 +32,9 @@ class Setup:
     bucket_params: int = 200_000_000
     dtype_bytes: int = 2  # compute dtype of the GPU weights: 2 for bf16/fp16, 4 for fp32
     pin: bool = True  # pinned transfer buffers (the engine pins when CUDA exists and offload.pin_memory)
-    load_bytes: int = 4  # bytes/param of the model each rank holds on the CPU while the engine is built
+    # Bytes/param of the whole model each rank holds on the CPU while the engine is built; 0: none, the
+    # model is on the meta device and the engine draws or streams one unit at a time (heavylift train).
+    load_bytes: int = 0
     # engine.loss_chunk_tokens: 0 is the model's own loss (fp32 logits for the whole batch)
     loss_chunk_tokens: int = 8192
 
@@ -92,6 +94,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    formats: list = field(default_factory=list)  # memory.formats.FormatOption per state format
+    format_choice: tuple[str, str] = ("", "")  # (the format that fits, why)
 
     @property
     def fits(self) -> bool:
@@ -152,6 +156,7 @@ def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
 def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: Rates | None = None) -> Plan:
     """Bytes per tier per rank, the verdict against ``machine`` and the step-time floor at ``rates``."""
     _check_setup(setup)
+    assert setup.state_format != "auto", "estimate() resolves state_format 'auto'"
     db = setup.dtype_bytes
     buckets = _buckets(shape, setup)
     from heavylift.offload.buckets import split_tail
@@ -201,25 +206,26 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     gpu_items = loss_phase if peak_phase == "loss" else block_phase
 
     # ---- host ----
-    state_bytes = STATE_FORMATS[setup.state_format]
-    pinned = PINNED_BYTES * host_params  # exact: the store page-locks its own buffers (offload/pinned.py)
-    pageable = (state_bytes - PINNED_BYTES) * host_params
-    load = setup.load_bytes * shape.params
-    snapshot = (4 + state_bytes - PINNED_BYTES) * host_params  # second master + moments (12 B/param for fp32)
+    fmt = STATE_FORMATS[setup.state_format]
+    pinned = int(fmt.pinned * host_params)  # exact: the store page-locks its own buffers (offload/pinned.py)
+    pageable = int(fmt.pageable * host_params)
+    # The whole model as loaded, or (meta) the largest unit drawn in fp32 / the largest tensor shard read.
+    load = setup.load_bytes * shape.params if setup.load_bytes else 4 * shape.max_unit_params
+    snapshot = int(fmt.second_set * host_params)  # second master + moments (12 B/param for fp32)
     speculate = setup.speculate
     avail = machine.host_available_bytes
     notes: list[str] = []
     # The engine decides after the model is loaded, from MemAvailable then, per rank.
-    avail_then = None if avail is None else avail - setup.gpus_per_node * (setup.load_bytes * shape.params
-                                                                            + HOST_RUNTIME_BYTES)
-    if speculate and avail_then is not None and setup.gpus_per_node * host_params * 28 > 0.9 * avail_then:
+    avail_then = None if avail is None else avail - setup.gpus_per_node * (load + HOST_RUNTIME_BYTES)
+    if speculate and avail_then is not None and \
+            setup.gpus_per_node * host_params * (fmt.host + fmt.second_set) > 0.9 * avail_then:
         speculate = False
         notes.append(f"speculation snapshot ({snapshot / GiB:.1f} GiB/rank) does not fit beside the state: "
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
     host = {"pinned: master + grad slot" if setup.pin else "master + grad slot": pinned,
-            "pageable: exp_avg + exp_avg_sq": pageable,
+            "pageable: exp_avg + exp_avg_sq" + (" + compensation" if fmt.compensation else ""): pageable,
             "pageable: speculation snapshot": snapshot if speculate else 0,
-            "model as loaded (until sharded)": load,
+            "model as loaded (until sharded)" if setup.load_bytes else "model loading: largest unit, fp32": load,
             "runtime (torch, CUDA, allocator)": HOST_RUNTIME_BYTES}
     if not machine.has_cuda and machine.gpu_total_bytes is None:  # training on the CPU: the device is RAM
         host["compute device = CPU (weights, activations)"] = phases[peak_phase]
@@ -236,8 +242,11 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
 def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: Rates) -> dict[str, float]:
     k = 8 if setup.activation_checkpointing else 6
     t_gpu = k * shape.params * setup.tokens_per_step / (setup.world * rates.gpu_tflops * 1e12)
-    t_cpu = host_params_rank * setup.gpus_per_node / rates.cpu_params_per_s
-    t_link = 8 * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
+    fmt = STATE_FORMATS[setup.state_format]
+    # The probed rate is the fp32 kernel's; the host is memory-bound (hardware.md), so a format's time
+    # scales with its bytes of traffic.
+    t_cpu = host_params_rank * setup.gpus_per_node * fmt.cpu_traffic / (FP32_ADAMW_TRAFFIC * rates.cpu_params_per_s)
+    t_link = fmt.link * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
     return {"gpu": t_gpu, "cpu": t_cpu, "link": t_link, "floor": max(t_gpu, t_cpu, t_link),
             "serial": t_gpu + t_cpu + t_link}
 
@@ -300,8 +309,9 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
                 out.append(f"{g} GPUs in all (weights shard across ranks; activations do not)")
                 break
     if p.verdicts.get("host") == "no":
+        fmt = STATE_FORMATS[setup.state_format]
         if setup.speculate and p.speculate:
-            out.append("engine.offload.speculate false (saves 12 B/param of host RAM)")
+            out.append(f"engine.offload.speculate false (saves {fmt.second_set:g} B/param of host RAM)")
         for r in (0.25, 0.5, 0.75):
             if (setup.tail_ratio or 0.0) < r and ok("host", tail_ratio=r) and ok("gpu", tail_ratio=r):
                 out.append(f"keep {r:.0%} of the optimizer state on the GPU (engine.offload.ratio {1 - r:g})")
@@ -313,8 +323,14 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
         load = setup.load_bytes * shape.params * setup.gpus_per_node
         if load > 0.25 * p.host_peak_node:
             out.append(f"the model is loaded in full on every rank before sharding ({load / GiB:.0f} GiB per node): "
-                       "fewer ranks per node, or a loader that materializes only each rank's shards (not built yet)")
-        out.append("a compact optimizer state format (bf16 master / 8-bit moments) once one exists")
+                       "give a preset or a safetensors directory (heavylift train streams each rank's shards)")
+        for name, other in STATE_FORMATS.items():
+            if other.host < fmt.host and ok("host", state_format=name):
+                out.append(f"engine.offload.state_format {name} ({other.host:.2f} B/param of host state instead of "
+                           f"{fmt.host:.2f})" if other.built else
+                           f"the {name} state format ({other.host:.2f} B/param) once it is built")
+                if other.built:
+                    break
     if p.verdicts.get("pinned") == "no":
         out.append("raise `ulimit -l` or set engine.offload.pin_memory false")
     return out
@@ -324,8 +340,9 @@ def _check_setup(s: Setup) -> None:
     for key in ("gpus_per_node", "nodes", "seq", "mbs", "accum"):
         if getattr(s, key) < 1:
             raise HeavyliftError(f"{key.replace('_', ' ')} must be an integer >= 1, not {getattr(s, key)}")
-    if s.state_format not in STATE_FORMATS:
-        raise HeavyliftError(f"state format {s.state_format!r} does not exist yet: use {', '.join(STATE_FORMATS)}")
+    if s.state_format not in STATE_FORMATS and s.state_format != "auto":
+        raise HeavyliftError(f"state format {s.state_format!r} does not exist yet: use auto, "
+                             f"{', '.join(STATE_FORMATS)}")
     if s.tail_ratio is not None and not 0.0 <= s.tail_ratio <= 1.0:
         raise HeavyliftError(f"tail ratio must be in [0, 1] (the fraction of parameters stepped on the GPU), "
                              f"not {s.tail_ratio}")
@@ -366,25 +383,39 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
         lines.extend(f"  - {x}" for x in p.suggestions)
     for n in p.notes:
         lines.append(f"note: {n}")
+    if p.formats:
+        from heavylift.memory.formats import render_options
+        lines += ["", *render_options(p.formats, *p.format_choice)]
     if rates is not None and p.times:
-        t = p.times
+        t, fmt = p.times, STATE_FORMATS[s.state_format]
         lines += ["", "step-time floor (per optimizer step)",
                   f"  GPU  8PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s"
                   if s.activation_checkpointing else
                   f"  GPU  6PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s",
-                  f"  CPU  AdamW at {rates.cpu_params_per_s / 1e9:.2f} G params/s/host ({rates.sources[1]}, "
-                  f"{28 * rates.cpu_params_per_s / 1e9:.0f} GB/s){'':1s}{t['cpu']:8.3f} s",
-                  f"  link 4 B/p down + 4 B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]}) x{LINK_DUPLEX} duplex"
-                  f" {t['link']:8.3f} s",
+                  f"  CPU  AdamW {fmt.cpu_traffic:.0f} B/p of traffic at {FP32_ADAMW_TRAFFIC * rates.cpu_params_per_s / 1e9:.0f}"
+                  f" GB/s/host (fp32 {rates.cpu_params_per_s / 1e9:.2f} G params/s, {rates.sources[1]})"
+                  f" {t['cpu']:8.3f} s",
+                  f"  link {fmt.grad:g} B/p down + {fmt.master:g} B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]})"
+                  f" x{LINK_DUPLEX} duplex {t['link']:8.3f} s",
                   f"  floor (overlapped: max) {t['floor']:.3f} s = {s.tokens_per_step / t['floor']:,.0f} tokens/s; "
                   f"serial sum {t['serial']:.3f} s"]
     return "\n".join(lines)
 
 
 def estimate(model, setup: Setup, machine: Machine, rates: Rates | None = None) -> Plan:
-    """Plan + suggestions: what the CLI and the preflight use."""
+    """Plan + suggestions + which state format fits: what the CLI and the preflight use. A ``state_format``
+    of "auto" plans with the format chosen (memory/formats.py)."""
+    from heavylift.memory.formats import choose, format_options
+
+    _check_setup(setup)
     shape = model if isinstance(model, ModelShape) else model_shape(model)
+    auto = setup.state_format == "auto"
+    options = format_options(shape, dataclasses.replace(setup, state_format="fp32") if auto else setup, machine)
+    chosen, why = choose(options, machine, setup)
+    if auto:
+        setup = dataclasses.replace(setup, state_format=chosen)
     p = plan(shape, setup, machine, rates)
+    p.formats, p.format_choice = options, (chosen, why)
     if not p.fits or "tight" in p.verdicts.values():
         p.suggestions = suggest(shape, setup, machine, p)
     return p
