@@ -46,6 +46,9 @@ def test_presets_shapes_on_meta():
     sizes = {name: sum(p.numel() for p in build_preset(name).parameters()) for name in PRESETS if name != "tiny"}
     assert round(sizes["llama-3-8b"] / 1e9, 2) == 8.03
     assert round(sizes["llama-3-70b"] / 1e9, 1) == 70.6
+    c = build_preset("llama-3-70b").config  # the Llama-3.3-70B shape (issue 7's 4-GPU target)
+    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+            c.vocab_size, c.tie_word_embeddings) == (8192, 80, 28672, 64, 8, 128256, False)
     assert round(sizes["qwen3-4b"] / 1e9, 2) == 4.02
     assert round(sizes["qwen3-14b"] / 1e9, 1) == 14.8
     assert round(sizes["qwen3-32b"] / 1e9, 1) == 32.8
