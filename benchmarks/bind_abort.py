@@ -37,18 +37,19 @@ def _spin(kind: str) -> None:
         pass
 
 
+def _allow_core_dumps() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
 def launch(bind: str, timeout: int, keep: str = "") -> tuple[bool, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HEAVYLIFT_BIND_CORES=bind, HEAVYLIFT_COLLECTIVE_TIMEOUT_S="60",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     with tempfile.TemporaryDirectory() as out:
-        limits = None
-        if keep:  # core dumps of aborted ranks (core_pattern "core": written into the launch directory)
-            import resource
-
-            def limits():
-                resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        limits = _allow_core_dumps if keep else None  # core_pattern "core": written into the launch directory
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
                "2", os.path.join(TESTS, "dist", "torchrun_step.py"), TESTS, out]
         try:
