@@ -1,13 +1,13 @@
 """``heavylift estimate``: bytes per tier per rank, whether it fits, and the step-time floor.
 
     heavylift estimate --model PRESET|DIR [--gpus N] [--nodes K] [--seq S] [--mbs B] [--accum A]
-                       [--tail-ratio r] [--no-ac] [--no-speculate]
-                       [--state-format fp32|bf16-moments|int8-moments|bf16-master]
+                       [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format auto|fp32|bf16-moments|...]
                        [--gpu-mem-gib G] [--host-mem-gib H]
                        [--gpu-tflops F] [--cpu-params-per-s R] [--link-gbs W]
 
 ``--tail-ratio`` is the fraction of parameters whose optimizer state stays on the GPU (1 - engine.offload.ratio);
-left out, the engine's automatic choice. ``--gpu-mem-gib``/``--host-mem-gib`` describe another machine
+left out, the engine's automatic choice. ``--state-format auto`` (the default) plans with the first
+format, most exact first, whose host state fits, and the output says why; every format is listed. ``--gpu-mem-gib``/``--host-mem-gib`` describe another machine
 (per GPU; host RAM per node); without them this machine is measured. Rates not given are probed here.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from heavylift.config.errors import HeavyliftError
-from heavylift.config.schema import STATE_FORMATS
+from heavylift.memory.constants import STATE_FORMATS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -37,9 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ac", action="store_true", help="activation checkpointing off")
     p.add_argument("--no-speculate", action="store_true", help="engine.offload.speculate false (no snapshot)")
     p.add_argument("--no-pin", action="store_true", help="engine.offload.pin_memory false")
-    p.add_argument("--state-format", default="fp32",
-                   help=f"optimizer state format (engine.offload.state_format: {', '.join(STATE_FORMATS)}); "
-                        "its bytes/param are in the output")
+    p.add_argument("--state-format", default="auto",
+                   help="host optimizer state format (offload.state_format; auto: the first that fits, of "
+                        f"{', '.join(STATE_FORMATS)})")
     p.add_argument("--loss-chunk-tokens", type=int, default=8192,
                    help="engine.loss_chunk_tokens (0: the model's own fp32-logits loss)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
@@ -62,7 +62,8 @@ def run(argv: list[str]) -> int:
     setup = Setup(gpus_per_node=a.gpus, nodes=a.nodes, seq=a.seq, mbs=a.mbs, accum=a.accum,
                   activation_checkpointing=not a.no_ac, state_format=a.state_format, speculate=not a.no_speculate,
                   loss_chunk_tokens=a.loss_chunk_tokens,
-                  tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2)
+                  tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2,
+                  load_bytes=4 if a.model == "default" else 0)  # as heavylift train loads it
     from heavylift.memory import _check_setup
     _check_setup(setup)  # bad numbers fail before the model is read or anything is probed
     machine = this_machine(a.gpu_mem_gib, a.host_mem_gib)

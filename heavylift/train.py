@@ -34,10 +34,11 @@ def run(cfg: TrainConfig) -> dict:
     check_train(cfg, warn=say)  # before anything is loaded or allocated; refuses what cannot fit
     say(f"heavylift: loading model {cfg.model!r}")
     start = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, cfg.tokenizer, seed=cfg.seed)
+    # On the meta device: the engine draws or streams each rank's shards; no rank holds the whole model.
+    model, tokenizer, weights = load_model(cfg.model, cfg.tokenizer, device="meta")
     data = build_datasets(tokenizer, cfg.seq_len, cfg.train_data, cfg.eval_data, cfg.data_format,
                           cfg.eval_fraction, cfg.overlong, cfg.seed)
-    say(f"heavylift: {_describe(model)}; data {_describe_data(data)} ({time.perf_counter() - start:.0f} s)")
+    say(f"heavylift: {_describe(model, weights)}; data {_describe_data(data)} ({time.perf_counter() - start:.0f} s)")
     batch = cfg.engine.batch
     train_loader = PackedLoader(data.train, batch.micro_batch_size, rank, world, cfg.seed)
     eval_loader = (PackedLoader(data.eval, batch.micro_batch_size, rank, world, shuffle=False)
@@ -48,7 +49,7 @@ def run(cfg: TrainConfig) -> dict:
         schedule = dataclasses.replace(engine_cfg.schedule, total_steps=steps)
         engine_cfg = dataclasses.replace(engine_cfg, schedule=schedule)
 
-    engine, optimizer, _, _ = heavylift.initialize(model=model, config=engine_cfg)
+    engine, optimizer, _, _ = heavylift.initialize(model=model, config=engine_cfg, weights=weights)
     out_dir = pathlib.Path(cfg.out_dir)
     log = MetricsLog(out_dir, enabled=rank == 0)
     eval_fn = (lambda: evaluate(engine, eval_loader.one_pass())) if eval_loader else None
@@ -105,8 +106,11 @@ def _peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
     return peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def _describe(model: torch.nn.Module) -> str:
-    return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+def _describe(model: torch.nn.Module, weights: str | None) -> str:
+    how = ("streamed per rank from its safetensors" if weights else
+           "drawn per rank, one unit at a time (engine.seed)" if any(p.is_meta for p in model.parameters()) else
+           "loaded whole")
+    return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters {how}"
 
 
 def _describe_data(data) -> str:

@@ -1,7 +1,10 @@
 """``heavylift bench``: on the GPU box it runs on, in one run: the ceilings, heavylift, and the peers on
 the same model, tokens and settings; one table; JSON + markdown written under ``--out``.
 
-Each part runs in its own process (they must not share GPU or host memory), one after another.
+Each part runs in its own process (they must not share GPU or host memory), one after another. With
+``--gpus N`` heavylift's step and the peers run under torchrun with N ranks, the same tokens per GPU
+(weak scaling: ``--seq``/``--mbs``/``--accum`` are per GPU), tokens/s summed over the ranks; ``--gpus 1,4``
+runs heavylift at each count and reports its scaling efficiency (the peers and the table: the largest).
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import pathlib
 import subprocess
 import sys
 
-from heavylift.benchmark.peers import MODES, install_wheels, run_peer
+from heavylift.benchmark.peers import MODES, install_wheels, json_records, launcher, run_peer
 from heavylift.benchmark.table import assemble, markdown
 from heavylift.config.errors import HeavyliftError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="qwen3-4b", help="tiny, llama-1b, qwen3-4b, llama-8b (the harness's shapes)")
+    p.add_argument("--model", default="qwen3-4b",
+                   help="tiny, llama-1b, qwen3-4b, llama-8b (the harness's shapes), llama-70b (heavylift only)")
+    p.add_argument("--gpus", default="1", help="GPUs, one rank each (torchrun); a comma list (1,4) also reports "
+                   "heavylift's weak scaling; tokens per GPU stay fixed")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--accum", type=int, default=1)
@@ -33,14 +39,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results")
 
 
+def gpu_counts(text: str, available: int) -> list[int]:
+    """``--gpus``: "4" or "1,4" -> sorted counts, each between 1 and the GPUs this machine has."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise HeavyliftError(f"bench: --gpus {text!r}: give a GPU count or a comma list of counts (e.g. 4 or 1,4)")
+    if counts[-1] > available:
+        raise HeavyliftError(f"bench: --gpus {counts[-1]} but this machine has {available} GPU(s)")
+    return counts
+
+
+def step_command(a: argparse.Namespace, gpus: int) -> list[str]:
+    """heavylift's step benchmark, under torchrun with ``gpus`` ranks when more than one."""
+    return [*launcher(gpus), "-m", "heavylift.benchmark.step", "--model", a.model, "--seq", str(a.seq),
+            "--mbs", str(a.mbs), "--accum", str(a.accum), "--clip", str(a.clip), "--steps", str(a.steps),
+            "--state-format", a.state_format]
+
+
 def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise HeavyliftError(f"{' '.join(cmd[2:4])} failed (exit {proc.returncode}): "
+        what = " ".join(cmd[cmd.index("-m") + 1:][:1]) if "-m" in cmd else cmd[-1]
+        raise HeavyliftError(f"{what} failed (exit {proc.returncode}): "
                              f"{(out.strip().splitlines() or ['no output'])[-1][:300]}")
-    return [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")], out
+    return json_records(proc.stdout), out
 
 
 def _commit() -> str:
@@ -59,15 +86,18 @@ def run(a: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise HeavyliftError("heavylift bench measures GPU training: run it on a machine with a CUDA GPU")
+    counts = gpu_counts(a.gpus, torch.cuda.device_count())
+    gpus = counts[-1]
     out_dir = pathlib.Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     (ceilings,), _ = _json_lines([py, "-m", "heavylift.benchmark.ceilings"], 600)
-    steps, log = _json_lines([py, "-m", "heavylift.benchmark.step", "--model", a.model, "--seq", str(a.seq),
-                              "--mbs", str(a.mbs), "--accum", str(a.accum), "--clip", str(a.clip),
-                              "--steps", str(a.steps), "--state-format", a.state_format], 1200)
-    step = steps[0]
-    peers, notes, raw = {}, {}, {"heavylift": log}
+    by_gpus, raw = {}, {}
+    for n in counts:
+        steps, raw[f"heavylift-{n}gpu"] = _json_lines(step_command(a, n), 1200)
+        by_gpus[n] = steps[0]
+    step = by_gpus[gpus]
+    peers, notes = {}, {}
     wanted = [p for p in a.peers.split(",") if p]
     if wanted and not a.peers_dir:
         notes.update({p: "not run: no --peers-dir" for p in wanted})
@@ -77,13 +107,14 @@ def run(a: argparse.Namespace) -> int:
             if name not in MODES:
                 raise HeavyliftError(f"unknown peer {name!r}: use {', '.join(MODES)}")
             peers[name], notes[name], raw[name] = run_peer(name, a.peers_dir, site, a.model, a.seq, a.mbs,
-                                                           a.steps, a.clip, a.peer_timeout)
+                                                           a.steps, a.clip, a.peer_timeout, gpus)
     card = ceilings["card"]
     case = {"shape": a.model, "seq": a.seq, "micro_batch": a.mbs, "accumulation": a.accum, "clip": a.clip,
-            "state_format": a.state_format, "gpus": 1}
+            "state_format": a.state_format, "gpus": gpus}
     date = datetime.date.today().isoformat()
-    result = assemble(case, card, _commit(), date, ceilings, step, peers, {k: v for k, v in notes.items() if v})
-    stem = f"{date}-{a.model}-s{a.seq}x{a.mbs}-{card.replace(' ', '_')}"
+    result = assemble(case, card, _commit(), date, ceilings, step, peers, {k: v for k, v in notes.items() if v},
+                      scaling=by_gpus)
+    stem = f"{date}-{a.model}-s{a.seq}x{a.mbs}-{gpus}x{card.replace(' ', '_')}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown(result))
     (out_dir / f"{stem}.log").write_text("\n".join(f"=== {k}\n{v}" for k, v in raw.items()))

@@ -1,4 +1,5 @@
-"""heavylift's training step on one GPU, on the peers' reference work (Llama architecture, random init,
+"""heavylift's training step on one GPU or, under torchrun, on several (a fixed number of tokens per GPU), on
+the peers' reference work (Llama architecture, random init,
 bf16, activation checkpointing, AdamW), and the three parts of its floor, each measured alone:
 
 - forward+backward: the same engine with the optimizer switched off (every micro-step accumulates);
@@ -6,8 +7,11 @@ bf16, activation checkpointing, AdamW), and the three parts of its floor, each m
 - link: every host bucket's gradient down and master up, both at once, through the same pinned buffers.
 
     python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --clip 1.0,0
+    torchrun --standalone --nproc-per-node 4 -m heavylift.benchmark.step --model llama-70b ...
 
-Prints one JSON line per clip setting (the same engine measures each in turn).
+Prints one JSON line per clip setting (the same engine measures each in turn); with several ranks rank 0
+prints their combination (``table.combine_ranks``: tokens/s summed, the floor parts measured on all ranks at
+once and the slowest rank's kept).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ SHAPES = {
     "llama-1b": (2048, 16, 8192, 32, 8, 128256, True),
     "qwen3-4b": (2560, 36, 9728, 32, 8, 151936, True),
     "llama-8b": (4096, 32, 14336, 32, 8, 128256, False),
+    "llama-70b": (8192, 80, 28672, 64, 8, 128256, False),  # Llama-3.3-70B (the 4-GPU target; not a harness shape)
 }
 
 
@@ -133,6 +138,24 @@ def _rss_now() -> int:
     return 0
 
 
+def _together() -> None:
+    """All ranks start the next measured part at once: concurrent, as in a training step."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _gather(record: dict) -> list[dict]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [record]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, record)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen3-4b", choices=sorted(SHAPES))
@@ -177,8 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     for clip in clips:
         phases.append(measure_steps(engine, cfg, a, clip))
         print("phase", json.dumps(phases[-1]), file=sys.stderr, flush=True)
-    floor = {"fwd_bwd_s": fwd_bwd_alone(engine, cfg, a), "cpu_optimizer_s": engine.pipeline.time_host_pass(),
-             "link_s": link_alone(engine)}
+    _together()
+    fwd_bwd_s = fwd_bwd_alone(engine, cfg, a)
+    _together()
+    cpu_s = engine.pipeline.time_host_pass()
+    _together()
+    floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": cpu_s, "link_s": link_alone(engine)}
     floor["floor_s"] = max(floor.values())
     common = {
         "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
@@ -196,12 +223,20 @@ def main(argv: list[str] | None = None) -> None:
         "floor": {k: round(v, 4) for k, v in floor.items()},
         "card": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
+    from heavylift.benchmark.table import combine_ranks
+
     for ph in phases:
         out = {**common, **ph, "tokens_per_s": round(tokens / ph["step_s"], 1),
                "tflops": round(flops / ph["step_s"] / 1e12, 1),
                "step_over_floor": round(ph["step_s"] / floor["floor_s"], 3)}
-        print(json.dumps(out), flush=True)
+        lines = _gather(out)
+        if engine.env.rank == 0:
+            print(json.dumps(combine_ranks(lines)), flush=True)
     engine.close()
+    if engine.env.world_size > 1:
+        from heavylift.dist.env import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -5,23 +5,53 @@ from __future__ import annotations
 SYSTEMS = ("heavylift", "deepspeed-zero3-offload", "deepspeed-superoffload", "fsdp2-offload")
 
 
+def combine_ranks(lines: list[dict]) -> dict:
+    """One heavylift step record from every rank's (same keys): tokens/s summed, TFLOPS the mean per GPU, the
+    step and each floor part the slowest rank's (the parts are measured on all ranks at once), peak GPU
+    memory the largest, host RSS summed (the node's); the rest is rank 0's."""
+    if len(lines) == 1:
+        return {**lines[0], "gpus": 1}
+    n = len(lines)
+    floor = {k: max(r["floor"][k] for r in lines) for k in lines[0]["floor"]}
+    out = {**lines[0], "gpus": n, "floor": floor,
+           "step_s": max(r["step_s"] for r in lines),
+           "tokens_per_s": round(sum(r["tokens_per_s"] for r in lines), 1),
+           "tflops": round(sum(r["tflops"] for r in lines) / n, 1),
+           "peak_gpu_gib": max(r["peak_gpu_gib"] for r in lines),
+           "host_rss_gib": round(sum(r["host_rss_gib"] for r in lines), 2),
+           "forward_wait_s": max(r["forward_wait_s"] for r in lines)}
+    out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3)
+    return out
+
+
+def combine_peer_ranks(lines: list[dict]) -> dict:
+    """A peer's entry from the harness's JSON line of every rank (each counts its own tokens)."""
+    n = len(lines)
+    return {"step_s": max(r["step_s"] for r in lines), "tokens_per_s": round(sum(r["tokens_per_s"] for r in lines), 1),
+            "tflops": round(sum(r["model_TFLOPS"] for r in lines) / n, 1),
+            "peak_gpu_gib": max(r["peak_gpu_GiB"] for r in lines),
+            "host_gib": round(sum(r["host_maxrss_GiB"] for r in lines), 2)}
+
+
 def heavylift_entry(step: dict) -> dict:
     return {"step_s": step["step_s"], "tokens_per_s": step["tokens_per_s"], "tflops": step["tflops"],
             "peak_gpu_gib": step["peak_gpu_gib"], "host_gib": step["host_rss_gib"]}
 
 
-def ceilings_floor_s(ceilings: dict, step: dict, tokens: int) -> dict:
-    """The floor the ceilings alone imply: matmul-rate GPU time (8N FLOPs/token with recompute), the
-    native kernel's CPU rate over the host parameters, fp32 both ways at the duplex link rate."""
-    gpu = 8 * step["params"] * tokens / (ceilings["matmul_tflops"] * 1e12)
+def ceilings_floor_s(ceilings: dict, step: dict, tokens: int, gpus: int = 1) -> dict:
+    """The floor the ceilings alone imply: matmul-rate GPU time (8N FLOPs/token with recompute, ``tokens``
+    over all ``gpus``), the native kernel's CPU rate over every rank's host parameters (the ranks of a node
+    share its memory bandwidth), fp32 both ways at one GPU's duplex link rate. The ceilings are one GPU's."""
+    gpu = 8 * step["params"] * tokens / (gpus * ceilings["matmul_tflops"] * 1e12)
     rates = ceilings["cpu_adamw_params_per_s"]
-    cpu = step["host_params"] / max(rates.get("native_out_of_place", rates["torch_fused"]), 1.0)
+    cpu = gpus * step["host_params"] / max(rates.get("native_out_of_place", rates["torch_fused"]), 1.0)
     link = 8 * step["host_params"] / (ceilings["both_gbs"] * 1e9)
     return {"gpu_s": gpu, "cpu_s": cpu, "link_s": link, "floor_s": max(gpu, cpu, link)}
 
 
 def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step: dict,
-             peers: dict[str, dict | None], notes: dict[str, str]) -> dict:
+             peers: dict[str, dict | None], notes: dict[str, str], scaling: dict[int, dict] | None = None) -> dict:
+    """``scaling``: heavylift's step record at each GPU count run (weak scaling: the same tokens per GPU)."""
     systems = {"heavylift": heavylift_entry(step), **{k: peers.get(k) for k in SYSTEMS[1:]}}
     peak = ceilings.get("matmul_tflops")
     for entry in systems.values():
@@ -34,7 +64,7 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
     return {
         "case": case, "card": card, "commit": commit, "date": date, "ceilings": ceilings,
         "floor_s": step["floor"]["floor_s"], "floor_parts_s": step["floor"],
-        "ceilings_floor": ceilings_floor_s(ceilings, step, tokens), "systems": systems,
+        "ceilings_floor": ceilings_floor_s(ceilings, step, tokens, case["gpus"]), "systems": systems,
         "heavylift": {"step_over_floor": step["step_s"] / step["floor"]["floor_s"],
                       "over_best_peer": step["tokens_per_s"] / max(ran) if ran else None,
                       "forward_wait_s": step["forward_wait_s"], "speculation": step.get("speculation"),
@@ -42,7 +72,16 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
                       "blocks_recomputing": step.get("blocks_recomputing"), "placement": step.get("placement", []),
                       "compile": step.get("compile"), "host_rss_now_gib": step.get("host_rss_now_gib")},
         "notes": notes,
+        "weak_scaling": weak_scaling(scaling) if scaling and len(scaling) > 1 else None,
     }
+
+
+def weak_scaling(by_gpus: dict[int, dict]) -> dict:
+    """tokens/s at each GPU count and its efficiency against the fewest GPUs run, scaled linearly."""
+    base = min(by_gpus)
+    per_gpu = by_gpus[base]["tokens_per_s"] / base
+    return {str(n): {"tokens_per_s": r["tokens_per_s"], "efficiency": round(r["tokens_per_s"] / (n * per_gpu), 3)}
+            for n, r in sorted(by_gpus.items())}
 
 
 def markdown(result: dict) -> str:
@@ -50,7 +89,7 @@ def markdown(result: dict) -> str:
     lines = [f"# {c['shape']}, seq {c['seq']} x {c['micro_batch']} x accum {c['accumulation']}, "
              f"{c['gpus']} GPU(s), clip {c['clip']}, state {c['state_format']}",
              "", f"card: {result['card']} · commit {result['commit']} · {result['date']}", "",
-             "| system | s/step | tokens/s | model TFLOPS | MFU | peak GPU GiB | host GiB |", "|---|---|---|---|---|---|---|"]
+             "| system | s/step | tokens/s | model TFLOPS per GPU | MFU | peak GPU GiB | host GiB |", "|---|---|---|---|---|---|---|"]
     for name, e in result["systems"].items():
         if e is None:
             lines.append(f"| {name} | - | - | - | - | - | - |  ({result['notes'].get(name, 'not run')})")
@@ -70,4 +109,8 @@ def markdown(result: dict) -> str:
     if h.get("placement"):
         lines += ["", f"heavylift placement (compile {h.get('compile')}, {h.get('blocks_recomputing')} blocks recompute, "
                   f"host RSS after the steps {h.get('host_rss_now_gib')} GiB):"] + [f"- {m}" for m in h["placement"]]
+    if result.get("weak_scaling"):
+        lines += ["", "weak scaling (heavylift, same tokens per GPU): " + "; ".join(
+            f"{n} GPU(s) {w['tokens_per_s']:,.0f} tokens/s ({w['efficiency']:.0%} of linear)"
+            for n, w in result["weak_scaling"].items())]
     return "\n".join(lines) + "\n"

@@ -113,6 +113,9 @@ class EngineConfig:
     # The causal-LM loss in chunks of this many tokens, never holding fp32 logits for the whole batch
     # (heavylift/models/loss.py); 0 keeps the model's own loss.
     loss_chunk_tokens: int = 8192
+    # Random initial weights of a model given on the meta device (heavylift train's presets): each FSDP unit
+    # is drawn by the model's own initialiser from a seed made of this and the unit's name, so the values do
+    # not depend on the world size (they are not those of the same model built eagerly with this seed).
     seed: int = 0
 
 

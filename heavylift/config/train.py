@@ -42,7 +42,7 @@ class TrainConfig:
     # Per-GPU peak TFLOP/s for the logged MFU; null: the built-in table (H100/H200 bf16 dense), none on CPU.
     peak_tflops: float | None = None
     out_dir: str = "runs/default"
-    # Data order and preset initialisation (the engine has its own engine.seed).
+    # Data order. (A preset's random initial weights are drawn by the engine with engine.seed.)
     seed: int = 0
     # Checkpoints into checkpoint_dir ("" = <out_dir>/checkpoints): every save_every steps (0: only at the
     # end and on SIGTERM/SIGINT), keeping the newest keep_checkpoints (0: all).

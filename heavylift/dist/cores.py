@@ -16,8 +16,9 @@ Call :func:`bind_cores` (``heavylift.dist.env.init_dist`` does, once per process
 mask when they are created. Threads that exist already are re-pinned one by one, so a late call is
 correct, only later than it could be. Host memory needs no policy of its own: with every thread on
 cores of the rank's NUMA node, the kernel's default first-touch policy places the host state there.
-Binding is opt-in (``HEAVYLIFT_BIND_CORES=auto``) until an abort seen with it on CPU is explained
-(docs/log.md); ``off`` (the default) leaves each rank its own mask.
+Binding is on by default when there are several ranks (``HEAVYLIFT_BIND_CORES`` unset or ``auto``);
+``off`` leaves each rank its own mask. Unset, a host with fewer cores than ranks runs them unbound with a
+warning; set to ``auto``, that is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ log = logging.getLogger("heavylift")
 _SYS_CPU = "/sys/devices/system/cpu"
 _SYS_NODE = "/sys/devices/system/node"
 _SYS_PCI = "/sys/bus/pci/devices"
+
+
+class TooFewCores(HeavyliftError):
+    """A host has fewer allowed CPUs than ranks."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,7 @@ def _plan_host(host: str, members: list[RankInfo], train_cores: int) -> list[Cor
             notes.append(f"{len(cores)} physical cores for {n} ranks on {name}: SMT siblings split between ranks")
             cores = [(c,) for c in sorted(union)]
         else:
-            raise HeavyliftError(
+            raise TooFewCores(
                 f"host {name}: {n} ranks but only {len(union)} CPU core(s) allowed ({_fmt(union)}): each rank needs "
                 f"at least one core of its own; start at most {len(union)} process(es) on this host "
                 f"(torchrun --nproc-per-node), give the job more cores (container/cgroup CPU limit, taskset), or "
@@ -356,23 +361,33 @@ def bind_cores(rank: int, local_rank: int, gpu_index: int | None = None, group=N
     from heavylift.dist.guard import guarded
 
     info = local_info(rank, local_rank, gpu_index)
-    # Opt-in for now: with binding applied, a rank aborted at exit 1-2 times in 6 under torchrun on a
-    # 2-core CPU machine: a gloo thread, late on the shared core, frees a finished collective's tensors
-    # during interpreter finalization (docs/log.md).
-    mode = os.environ.get("HEAVYLIFT_BIND_CORES", "off").strip().lower()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    # On by default with several ranks (unset); "off" keeps each rank's own mask. The abort once seen with
+    # binding on came from exit, not from binding (heavylift.dist.env, docs/log.md).
+    given = os.environ.get("HEAVYLIFT_BIND_CORES", "").strip().lower()
+    mode = given or ("auto" if world > 1 else "off")
     if mode in ("off", "0", "false", "no"):
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         _plan = unbound_plan(info, local_world)
         return _plan
     if mode not in ("auto", "on", "1", "true", "yes"):
-        raise HeavyliftError(f"HEAVYLIFT_BIND_CORES={mode!r} is not allowed: use auto or off (default)")
+        raise HeavyliftError(f"HEAVYLIFT_BIND_CORES={mode!r} is not allowed: use auto (the default with several "
+                             "ranks) or off")
     infos: list[RankInfo] = [info]
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        gathered: list = [None] * dist.get_world_size(group)
+    if world > 1:
+        gathered: list = [None] * world
         with guarded("core-plan all-gather", group):
             dist.all_gather_object(gathered, info, group=group)
         infos = gathered
-    plan = plan_cores(infos, train_cores)[rank]
+    try:
+        plan = plan_cores(infos, train_cores)[rank]
+    except TooFewCores as e:  # every rank computed the same plan, so every rank is here
+        if given:
+            raise
+        if rank == 0:
+            log.warning("cores: not bound (%s)", e)
+        _plan = unbound_plan(info, local_world)
+        return _plan
     apply_plan(plan)
     _plan = plan
     level = logging.INFO if rank == 0 or plan.local_rank == 0 else logging.DEBUG

@@ -23,11 +23,14 @@ GPU, per rank (bf16 compute dtype, 2 B/param; fp32 4 B):
   Calibrated on qwen3-4b's shape (Llama, head_dim 80: 3.67 B params), seq 4096, micro-batch 4, AC, 1 GPU:
   measured 44.42 GiB (root unit in the tail) and 64.81 GiB (offload.ratio 0.5); see tests/unit/test_memory.py.
 
-Host, per rank (fp32 state; every format's bytes come from heavylift/optim/formats.py): pinned master +
-gradient slot (8 B/param, exact: the store page-locks its own buffers instead of using PyTorch's pinned
-caching allocator, which rounds each block up to a power of two), pageable moments (8 B/param), the
-speculation buffer set (12 B/param, its master pinned; dropped by the engine when it does not fit), the model as loaded (full, on every rank, until sharded) and
-a fixed runtime overhead (CUDA/torch libraries). NVMe: 0 (no NVMe tier yet).
+Host, per rank, in the state format's bytes (``STATE_FORMATS`` in constants.py, from the store's layout):
+pinned master + gradient slot (exact: the store page-locks its own buffers instead of using PyTorch's
+pinned caching allocator, which rounds each block up to a power of two), pageable moments (and a
+compensation term), the speculation's second buffer set (dropped by the engine when it does not fit),
+what loading holds (a meta model, as ``heavylift train`` builds it: the largest unit drawn in fp32; a
+model loaded whole: all of it, on every rank, until sharded) and a fixed runtime overhead (CUDA/torch
+libraries). NVMe: 0 (no NVMe tier yet). ``estimate`` plans every format alike and picks the first, most
+exact first, whose host state fits (formats.py).
 
 Step-time floor (hardware.md's model), per optimizer step, T = tokens per step over all ranks:
 - T_gpu  = k P T / (N F), k = 8 with activation recompute, 6 without; F = bf16 matmul rate per GPU.
@@ -44,8 +47,10 @@ Step-time floor (hardware.md's model), per optimizer step, T = tokens per step o
 
 from __future__ import annotations
 
-from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX)  # noqa: F401
+from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX, STATE_FORMATS, TAIL_BYTES, StateFormat)  # noqa: F401
 from heavylift.memory.model import (ModelShape, _default_model_config, model_shape, resolve_config, shape_of_model)  # noqa: F401
-from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, estimate, floor_times, format_line, plan, render, suggest)  # noqa: F401
+from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, estimate, floor_times, format_line, plan, suggest)  # noqa: F401
+from heavylift.memory.render import render  # noqa: F401
 from heavylift.memory.machine import (_probe_adamw, _probe_link, _probe_matmul, mem_available, memlock_limit, probe_rates, this_machine)  # noqa: F401
 from heavylift.memory.preflight import (check_train, setup_for_train)  # noqa: F401
+from heavylift.memory.formats import (FormatOption, choose, format_options)  # noqa: F401

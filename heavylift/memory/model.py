@@ -36,6 +36,12 @@ class ModelShape:
     def max_block_params(self) -> int:
         return max((sum(math.prod(s) for s in u) for u in self.units[:-1]), default=0)
 
+    @property
+    def max_unit_params(self) -> int:
+        """The most a meta model's initialisation holds at once: a whole block, or one root tensor (the
+        root unit's leaf modules are drawn one by one; see shard/values.py)."""
+        return max(self.max_block_params, max((math.prod(s) for s in self.units[-1]), default=0))
+
 
 def _default_model_config():
     """SmolLM2-135M-Instruct (the embedded default model), without reading its GGUF file."""

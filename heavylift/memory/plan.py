@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import (
     AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
-    LINK_DUPLEX,
+    FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS,
 )
 from heavylift.memory.model import ModelShape, model_shape
-from heavylift.optim.formats import FORMATS, GRAD_BYTES, StateFormat
+from heavylift.optim.formats import FORMATS, StateFormat
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Setup:
     mbs: int = 1
     accum: int = 1
     activation_checkpointing: bool = True
-    state_format: str = "fp32"
+    state_format: str = "fp32"  # a name in STATE_FORMATS; "auto" in estimate(): the first that fits
     speculate: bool = True
     # Fraction of parameters whose optimizer state is on the GPU (= 1 - offload.ratio); None: as the
     # engine chooses it (the root unit if its state fits a tenth of the card, else none).
@@ -33,7 +33,9 @@ class Setup:
     bucket_params: int = 200_000_000
     dtype_bytes: int = 2  # compute dtype of the GPU weights: 2 for bf16/fp16, 4 for fp32
     pin: bool = True  # pinned transfer buffers (the engine pins when CUDA exists and offload.pin_memory)
-    load_bytes: int = 4  # bytes/param of the model each rank holds on the CPU while the engine is built
+    # Bytes/param of the whole model each rank holds on the CPU while the engine is built; 0: none, the
+    # model is on the meta device and the engine draws or streams one unit at a time (heavylift train).
+    load_bytes: int = 0
     # engine.loss_chunk_tokens: 0 is the model's own loss (fp32 logits for the whole batch)
     loss_chunk_tokens: int = 8192
 
@@ -93,6 +95,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    formats: list = field(default_factory=list)  # memory.formats.FormatOption per state format
+    format_choice: tuple[str, str] = ("", "")  # (the format that fits, why)
 
     @property
     def fits(self) -> bool:
@@ -142,7 +146,8 @@ def _format(setup: Setup) -> StateFormat:
 
 
 def _tail_format(setup: Setup) -> StateFormat:
-    return FORMATS[_format(setup).tail]
+    f = FORMATS.get(setup.state_format)  # a format the planner knows but the store does not: an fp32 tail
+    return FORMATS[f.tail if f is not None else "fp32"]
 
 
 def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -162,6 +167,7 @@ def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
 def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: Rates | None = None) -> Plan:
     """Bytes per tier per rank, the verdict against ``machine`` and the step-time floor at ``rates``."""
     _check_setup(setup)
+    assert setup.state_format != "auto", "estimate() resolves state_format 'auto'"
     db = setup.dtype_bytes
     buckets = _buckets(shape, setup)
     from heavylift.offload.buckets import split_tail
@@ -211,30 +217,27 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     gpu_items = loss_phase if peak_phase == "loss" else block_phase
 
     # ---- host ----
-    fmt = _format(setup)
-    # exact: the store page-locks its own buffers (offload/pinned.py)
-    pinned = int(fmt.pinned_bytes * host_params)
-    pageable = int((fmt.state_bytes - fmt.pinned_bytes) * host_params)
-    load = setup.load_bytes * shape.params
-    snapshot = int(fmt.back_bytes * host_params)  # the second buffer set (12 B/param for fp32)
-    back_pinned = int(fmt.upload_bytes * host_params)  # its master, uploaded from (native kernel)
+    fmt = STATE_FORMATS[setup.state_format]
+    pinned = int(fmt.pinned * host_params)  # exact: the store page-locks its own buffers (offload/pinned.py)
+    pageable = int(fmt.pageable * host_params)
+    # The whole model as loaded, or (meta) the largest unit drawn in fp32 / the largest tensor shard read.
+    load = setup.load_bytes * shape.params if setup.load_bytes else 4 * shape.max_unit_params
+    snapshot = int(fmt.second_set * host_params)  # second master + moments (12 B/param for fp32)
     speculate = setup.speculate
     avail = machine.host_available_bytes
     notes: list[str] = []
     # The engine decides after the model is loaded, from MemAvailable then, per rank.
-    avail_then = None if avail is None else avail - setup.gpus_per_node * (setup.load_bytes * shape.params
-                                                                            + HOST_RUNTIME_BYTES)
-    need = setup.gpus_per_node * host_params * (fmt.state_bytes + fmt.back_bytes)
-    if speculate and avail_then is not None and need > 0.9 * avail_then:
+    avail_then = None if avail is None else avail - setup.gpus_per_node * (load + HOST_RUNTIME_BYTES)
+    if speculate and avail_then is not None and \
+            setup.gpus_per_node * host_params * (fmt.host + fmt.second_set) > 0.9 * avail_then:
         speculate = False
         notes.append(f"speculation buffer set ({snapshot / GiB:.1f} GiB/rank) does not fit beside the state: "
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
-    moments = " + ".join([b.kind for b in fmt.buffers if not (b.link or b.per_block)]
-                         + ["scales"] * any(b.per_block for b in fmt.buffers))
+    back_pinned = int(fmt.master * host_params)  # the second set's master is uploaded from: pinned
     host = {("pinned: " if setup.pin else "") + "master + grad slot (+ back master)": pinned + back_pinned * speculate,
-            f"pageable: {moments}": pageable,
+            "pageable: exp_avg + exp_avg_sq" + (" + compensation" if fmt.compensation else ""): pageable,
             "pageable: speculation buffer set (less its master)": (snapshot - back_pinned) if speculate else 0,
-            "model as loaded (until sharded)": load,
+            "model as loaded (until sharded)" if setup.load_bytes else "model loading: largest unit, fp32": load,
             "runtime (torch, CUDA, allocator)": HOST_RUNTIME_BYTES}
     if not machine.has_cuda and machine.gpu_total_bytes is None:  # training on the CPU: the device is RAM
         host["compute device = CPU (weights, activations)"] = phases[peak_phase]
@@ -251,8 +254,11 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
 def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: Rates) -> dict[str, float]:
     k = 8 if setup.activation_checkpointing else 6
     t_gpu = k * shape.params * setup.tokens_per_step / (setup.world * rates.gpu_tflops * 1e12)
-    t_cpu = host_params_rank * setup.gpus_per_node / rates.cpu_params_per_s
-    t_link = (GRAD_BYTES + _format(setup).upload_bytes) * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
+    fmt = STATE_FORMATS[setup.state_format]
+    # The probed rate is the fp32 kernel's; the host is memory-bound (hardware.md), so a format's time
+    # scales with its bytes of traffic.
+    t_cpu = host_params_rank * setup.gpus_per_node * fmt.cpu_traffic / (FP32_ADAMW_TRAFFIC * rates.cpu_params_per_s)
+    t_link = fmt.link * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
     return {"gpu": t_gpu, "cpu": t_cpu, "link": t_link, "floor": max(t_gpu, t_cpu, t_link),
             "serial": t_gpu + t_cpu + t_link}
 
@@ -315,8 +321,9 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
                 out.append(f"{g} GPUs in all (weights shard across ranks; activations do not)")
                 break
     if p.verdicts.get("host") == "no":
+        fmt = STATE_FORMATS[setup.state_format]
         if setup.speculate and p.speculate:
-            out.append("engine.offload.speculate false (saves 12 B/param of host RAM)")
+            out.append(f"engine.offload.speculate false (saves {fmt.second_set:g} B/param of host RAM)")
         for r in (0.25, 0.5, 0.75):
             if (setup.tail_ratio or 0.0) < r and ok("host", tail_ratio=r) and ok("gpu", tail_ratio=r):
                 out.append(f"keep {r:.0%} of the optimizer state on the GPU (engine.offload.ratio {1 - r:g})")
@@ -328,13 +335,14 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
         load = setup.load_bytes * shape.params * setup.gpus_per_node
         if load > 0.25 * p.host_peak_node:
             out.append(f"the model is loaded in full on every rank before sharding ({load / GiB:.0f} GiB per node): "
-                       "fewer ranks per node, or a loader that materializes only each rank's shards (not built yet)")
-        for name in ("bf16-moments", "int8-moments"):
-            f = FORMATS[name]
-            if f.state_bytes < _format(setup).state_bytes and ok("host", state_format=name):
-                out.append(f"engine.offload.state_format {name} ({f.state_bytes:.1f} instead of "
-                           f"{_format(setup).state_bytes:.1f} host B/param; not exact AdamW, docs/state-formats.md)")
-                break
+                       "give a preset or a safetensors directory (heavylift train streams each rank's shards)")
+        for name, other in STATE_FORMATS.items():
+            if other.host < fmt.host and ok("host", state_format=name):
+                out.append(f"engine.offload.state_format {name} ({other.host:.2f} B/param of host state instead of "
+                           f"{fmt.host:.2f})" if other.built else
+                           f"the {name} state format ({other.host:.2f} B/param) once it is built")
+                if other.built:
+                    break
     if p.verdicts.get("pinned") == "no":
         out.append("raise `ulimit -l` or set engine.offload.pin_memory false")
     return out
@@ -344,8 +352,9 @@ def _check_setup(s: Setup) -> None:
     for key in ("gpus_per_node", "nodes", "seq", "mbs", "accum"):
         if getattr(s, key) < 1:
             raise HeavyliftError(f"{key.replace('_', ' ')} must be an integer >= 1, not {getattr(s, key)}")
-    if s.state_format not in FORMATS:
-        raise HeavyliftError(f"state format {s.state_format!r} does not exist: use one of {', '.join(FORMATS)}")
+    if s.state_format not in STATE_FORMATS and s.state_format != "auto":
+        raise HeavyliftError(f"state format {s.state_format!r} does not exist yet: use auto, "
+                             f"{', '.join(STATE_FORMATS)}")
     if s.tail_ratio is not None and not 0.0 <= s.tail_ratio <= 1.0:
         raise HeavyliftError(f"tail ratio must be in [0, 1] (the fraction of parameters stepped on the GPU), "
                              f"not {s.tail_ratio}")
@@ -360,61 +369,20 @@ def format_line(name: str) -> str:
             f"{'exact AdamW' if f.exact else 'not exact AdamW (docs/state-formats.md)'}")
 
 
-def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
-    s, sh = p.setup, p.shape
-    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
-    lines = [f"heavylift estimate: {sh.name}, {sh.params / 1e9:.2f} B params ({sh.layers} blocks, hidden {sh.hidden}, "
-             f"vocab {sh.vocab})",
-             f"  {s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.world} rank(s); seq {s.seq}, micro-batch {s.mbs}, "
-             f"grad accum {s.accum} = {s.tokens_per_step:,} tokens/step; activation checkpointing "
-             f"{'on' if s.activation_checkpointing else 'off'}; state {s.state_format}; "
-             f"GPU tail {p.tail_params / max(p.tail_params + p.host_params, 1):.0%} of params",
-             format_line(s.state_format),
-             "", f"{'tier / item (per rank)':52s}{'bytes':>13s}"]
-    phase = max(p.gpu_phases, key=p.gpu_phases.get)
-    lines.append(f"GPU  (peak in the {phase} phase)")
-    for k, b in p.gpu.items():
-        lines.append(f"  {k:50s}{g(b)}")
-    lines.append(f"  {'peak allocated':50s}{g(p.gpu_peak)}")
-    lines.append(f"  {'(other phase: ' + ', '.join(f'{n} {b / GiB:.1f} GiB' for n, b in p.gpu_phases.items() if n != phase) + ')':50s}")
-    lines.append("host")
-    for k, b in p.host.items():
-        lines.append(f"  {k:50s}{g(b)}")
-    lines.append(f"  {'peak per rank':50s}{g(p.host_peak_rank)}")
-    lines.append(f"  {f'peak per node ({s.gpus_per_node} rank(s))':50s}{g(p.host_peak_node)}")
-    lines.append(f"NVMe{'':48s}{g(p.nvme)}")
-    lines.append("")
-    have_gpu = "unknown" if machine.gpu_usable is None else f"{machine.gpu_usable / GiB:.1f} GiB usable"
-    have_host = "unknown" if machine.host_available_bytes is None else \
-        f"{machine.host_available_bytes / GiB:.1f} GiB available"
-    lines.append(f"fits: GPU {p.verdicts['gpu']} ({have_gpu}); host {p.verdicts['host']} ({have_host})"
-                 + (f"; pinned {p.verdicts['pinned']}" if "pinned" in p.verdicts else ""))
-    for r in p.reasons:
-        lines.append(f"  {r}")
-    if p.suggestions:
-        lines.append("to fit:")
-        lines.extend(f"  - {x}" for x in p.suggestions)
-    for n in p.notes:
-        lines.append(f"note: {n}")
-    if rates is not None and p.times:
-        t = p.times
-        lines += ["", "step-time floor (per optimizer step)",
-                  f"  GPU  8PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s"
-                  if s.activation_checkpointing else
-                  f"  GPU  6PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s",
-                  f"  CPU  AdamW at {rates.cpu_params_per_s / 1e9:.2f} G params/s/host ({rates.sources[1]}, "
-                  f"{28 * rates.cpu_params_per_s / 1e9:.0f} GB/s){'':1s}{t['cpu']:8.3f} s",
-                  f"  link {GRAD_BYTES} B/p down + {_format(s).upload_bytes:g} B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]}) x{LINK_DUPLEX} duplex"
-                  f" {t['link']:8.3f} s",
-                  f"  floor (overlapped: max) {t['floor']:.3f} s = {s.tokens_per_step / t['floor']:,.0f} tokens/s; "
-                  f"serial sum {t['serial']:.3f} s"]
-    return "\n".join(lines)
-
-
 def estimate(model, setup: Setup, machine: Machine, rates: Rates | None = None) -> Plan:
-    """Plan + suggestions: what the CLI and the preflight use."""
+    """Plan + suggestions + which state format fits: what the CLI and the preflight use. A ``state_format``
+    of "auto" plans with the format chosen (memory/formats.py)."""
+    from heavylift.memory.formats import choose, format_options
+
+    _check_setup(setup)
     shape = model if isinstance(model, ModelShape) else model_shape(model)
+    auto = setup.state_format == "auto"
+    options = format_options(shape, dataclasses.replace(setup, state_format="fp32") if auto else setup, machine)
+    chosen, why = choose(options, machine, setup)
+    if auto:
+        setup = dataclasses.replace(setup, state_format=chosen)
     p = plan(shape, setup, machine, rates)
+    p.formats, p.format_choice = options, (chosen, why)
     if not p.fits or "tight" in p.verdicts.values():
         p.suggestions = suggest(shape, setup, machine, p)
     return p

@@ -19,7 +19,8 @@ def setup_for_train(cfg, cuda: bool) -> Setup:
                  accum=e.batch.grad_accum, activation_checkpointing=e.activation_checkpointing,
                  speculate=e.offload.speculate, tail_ratio=None if e.offload.ratio is None else 1.0 - e.offload.ratio,
                  bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
-                 pin=e.offload.pin_memory and cuda, load_bytes=4, loss_chunk_tokens=e.loss_chunk_tokens,
+                 pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
+                 load_bytes=4 if cfg.model == "default" else 0,  # else on meta, drawn or streamed per rank
                  state_format=e.offload.state_format)
 
 

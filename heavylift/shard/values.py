@@ -99,31 +99,41 @@ def init_buffers(model: nn.Module, device: torch.device) -> None:
             init(module)
 
 
+def safetensors_weight_map(directory: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file holding it, from a directory ``save_pretrained`` wrote (a
+    sharded index or one ``model.safetensors``); reads headers only."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from heavylift.config.errors import HeavyliftError
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    elif os.path.exists(single):
+        with safe_open(single, framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        raise HeavyliftError(f"{directory}: no model.safetensors or model.safetensors.index.json: "
+                             "point to a directory written by save_pretrained(safe_serialization=True)")
+    return {k: os.path.join(directory, v) for k, v in weight_map.items()}
+
+
 class SafetensorsValues:
     """Values read from a Hugging Face safetensors checkpoint, only this rank's rows of each tensor
     (``get_slice``), so a model larger than host RAM never has to be loaded whole."""
 
     def __init__(self, directory: str, rank: int, world: int):
-        import json
-        import os
-
         from safetensors import safe_open
 
         from heavylift.config.errors import HeavyliftError
 
         self._rank, self._world = rank, world
-        index = os.path.join(directory, "model.safetensors.index.json")
-        single = os.path.join(directory, "model.safetensors")
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.exists(single):
-            with safe_open(single, framework="pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise HeavyliftError(f"{directory}: no model.safetensors or model.safetensors.index.json: "
-                                 "point to a directory written by save_pretrained(safe_serialization=True)")
-        self._files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+        self._files = safetensors_weight_map(directory)
         self._open: dict[str, object] = {}
         self._safe_open = safe_open
         self._missing_error = HeavyliftError
@@ -135,6 +145,8 @@ class SafetensorsValues:
         if path is None:
             raise self._missing_error(f"checkpoint has no tensor '{name}' that the model needs")
         if path not in self._open:
+            # One file mapped at a time: the pages read stay in this process's RSS while it is mapped.
+            self._open.clear()
             self._open[path] = self._safe_open(path, framework="pt")
         sl = self._open[path].get_slice(name)
         shape = sl.get_shape()

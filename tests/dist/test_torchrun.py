@@ -25,11 +25,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, nnodes: int, nproc: int, bind: str) -> list[dict]:
+def _launch(tmp_path, nnodes: int, nproc: int, bind: str | None = None) -> list[dict]:
+    """``bind``: HEAVYLIFT_BIND_CORES for the ranks; None leaves it unset (the default: bound)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-               HEAVYLIFT_BIND_CORES=bind, HEAVYLIFT_COLLECTIVE_TIMEOUT_S="60")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+               HEAVYLIFT_COLLECTIVE_TIMEOUT_S="60")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "HEAVYLIFT_BIND_CORES"):
         env.pop(key, None)
+    if bind is not None:
+        env["HEAVYLIFT_BIND_CORES"] = bind
     script = [os.path.join(HERE, "torchrun_step.py"), os.path.dirname(HERE), str(tmp_path)]
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if nnodes == 1:
@@ -50,6 +54,7 @@ def _launch(tmp_path, nnodes: int, nproc: int, bind: str) -> list[dict]:
         pytest.fail("torchrun timed out:\n" + "\n----\n".join(o[-4000:] for o in outs))
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-6000:]
+        assert "terminate called" not in out, out[-6000:]
     world = nnodes * nproc
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert [r["rank"] for r in reports] == list(range(world))
@@ -72,13 +77,20 @@ def _launch(tmp_path, nnodes: int, nproc: int, bind: str) -> list[dict]:
 @pytest.mark.parametrize("nproc", [2, 4])  # on the 2-core CI machine, 4 ranks are more than its cores
 def test_torchrun_one_node(tmp_path, nproc):
     cpus = len(os.sched_getaffinity(0))
-    # binding is opt-in (heavylift/dist/cores.py); the planner is covered by tests/unit/test_cores.py
-    reports = _launch(tmp_path, 1, nproc, "off")
-    assert all(r["bound_how"] == "unbound" for r in reports)
-    if cpus < nproc:  # too few cores: every rank gets the same clear error from the planner, none hangs
+    reports = _launch(tmp_path, 1, nproc)  # binding on by default with several ranks
+    if cpus >= nproc:  # disjoint cores per rank, together the whole mask
+        assert all(r["bound_how"] == "split" for r in reports)
+        sets = [set(r["affinity"]) for r in reports]
+        assert not set.intersection(*sets) and len(set.union(*sets)) >= nproc
+    else:  # too few cores: unbound by default; the planner's error, alike on every rank, says what to change
+        assert all(r["bound_how"] == "unbound" for r in reports)
         errors = {r["plan_error"] for r in reports}
         assert len(errors) == 1 and "--nproc-per-node" in errors.pop()
-        assert all(r["bound_how"] == "unbound" for r in reports)
+
+
+def test_torchrun_unbound_when_switched_off(tmp_path):
+    reports = _launch(tmp_path, 1, 2, "off")
+    assert all(r["bound_how"] == "unbound" for r in reports)
 
 
 def test_torchrun_two_nodes_on_one_machine(tmp_path):
@@ -88,10 +100,11 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     # Two launchers rendezvous on a port picked free and then released: another process can take it in
     # between (seen once in a loaded full run). One retry on a fresh port; a real failure fails twice.
     try:
-        reports = _launch(tmp_path, 2, 1, "off")
+        reports = _launch(tmp_path, 2, 1)
     except (AssertionError, pytest.fail.Exception) as first:
         print(f"first two-node launch failed, retrying on a fresh port: {str(first)[-2000:]}")
         retry = tmp_path / "retry"
         retry.mkdir()
-        reports = _launch(retry, 2, 1, "off")
-    assert len(reports) == 2 and all(r["bound_how"] == "unbound" for r in reports)
+        reports = _launch(retry, 2, 1)
+    # two launchers on one machine split its cores between them (one host, by its boot id)
+    assert len(reports) == 2 and all(r["bound_how"] == "split" for r in reports)

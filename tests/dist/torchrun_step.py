@@ -19,7 +19,7 @@ from heavylift.dist import cores  # noqa: E402
 from heavylift.dist.env import init_dist  # noqa: E402
 from support.equivalence import Case, batches, engine_config, reference_optimizer, tiny_model  # noqa: E402
 
-env = init_dist()  # binds this rank's cores unless HEAVYLIFT_BIND_CORES=off
+env = init_dist()  # binds this rank's cores (the default with several ranks) unless HEAVYLIFT_BIND_CORES=off
 rank, world = env.rank, env.world_size
 report = {"rank": rank, "world": world, "local_rank": env.local_rank, "cpu_threads": env.cpu_threads,
           "bound_how": env.cores.how, "affinity": sorted(os.sched_getaffinity(0)),

@@ -49,3 +49,87 @@ def test_a_peer_stopped_at_its_limit_is_timed_from_its_steps_after_warmup():
     assert abs(r["systems"]["deepspeed-superoffload"]["tflops"] - 290.0 * 1.5 / 6.7) < 1e-9
     md = markdown(r)
     assert "| deepspeed-superoffload | 6.700 |" in md and "partial: timed out" in md
+# ---- several GPUs: torchrun plumbing, rank combination, weak scaling (CPU: commands and arithmetic only) -------
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+from heavylift.benchmark.peers import harness_shapes, json_records, peer_command, run_peer  # noqa: E402
+from heavylift.benchmark.run import add_arguments, gpu_counts, step_command  # noqa: E402
+from heavylift.benchmark.table import combine_peer_ranks, combine_ranks  # noqa: E402
+from heavylift.config.errors import HeavyliftError  # noqa: E402
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--tee", "3",
+            "--nproc-per-node"]
+
+
+def _bench_args(*argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_gpu_counts():
+    assert gpu_counts("4", 4) == [4] and gpu_counts("4,1", 8) == [1, 4]
+    for bad, msg in (("0", "comma list"), ("x", "comma list"), ("", "comma list"), ("8", "has 4 GPU")):
+        with pytest.raises(HeavyliftError, match=msg):
+            gpu_counts(bad, 4)
+
+
+def test_step_command_runs_one_rank_per_gpu_under_torchrun():
+    a = _bench_args("--model", "llama-70b", "--seq", "4096", "--mbs", "1", "--gpus", "1,4")
+    tail = ["-m", "heavylift.benchmark.step", "--model", "llama-70b", "--seq", "4096", "--mbs", "1", "--accum", "1",
+            "--clip", "1.0", "--steps", "4", "--state-format", "fp32"]
+    assert step_command(a, 1) == [sys.executable, *tail]
+    assert step_command(a, 4) == [*TORCHRUN, "4", *tail]  # --seq/--mbs are per GPU: weak scaling
+
+
+def test_peer_command_and_shapes(tmp_path):
+    assert peer_command("fsdp2-offload", "/p", "llama-8b", 4096, 1, 3, 1.0, 4) == [
+        *TORCHRUN, "4", "/p/anchor_bench.py", "--mode", "fsdp2-offload", "--model", "llama-8b", "--seq", "4096",
+        "--mbs", "1", "--steps", "3", "--warmup", "2", "--clip", "1.0"]
+    (tmp_path / "anchor_bench.py").write_text('SHAPES = {\n    "llama-1b": (1,), "llama-8b": (2,),\n}\n')
+    assert harness_shapes(str(tmp_path)) == ("llama-1b", "llama-8b")
+    result, note, _ = run_peer("fsdp2-offload", str(tmp_path), "", "llama-70b", 4096, 1, 3, 1.0, 60, gpus=4)
+    assert result is None and note == "not run: the harness has no 'llama-70b' shape (llama-1b, llama-8b)"
+
+
+def test_peer_ranks_under_torchrun_are_combined(tmp_path):
+    """A stand-in harness (every rank prints its own JSON line, as anchor_bench.py does) under real torchrun."""
+    (tmp_path / "anchor_bench.py").write_text(textwrap.dedent('''
+        import json, os
+        SHAPES = {"tiny": ()}
+        r = int(os.environ["RANK"])
+        print(f"# rank {r} of {os.environ['WORLD_SIZE']}")
+        print(json.dumps({"step_s": 1.0 + r, "tokens_per_s": 1000.0 * (r + 1), "model_TFLOPS": 100.0 + r,
+                          "peak_gpu_GiB": 40.0 + r, "host_maxrss_GiB": 10.0}))
+    '''))
+    result, note, out = run_peer("fsdp2-offload", str(tmp_path), "", "tiny", 64, 1, 1, 1.0, 120, gpus=2)
+    assert note == "", out[-2000:]
+    assert result == {"step_s": 2.0, "tokens_per_s": 3000.0, "tflops": 100.5, "peak_gpu_gib": 41.0, "host_gib": 20.0}
+
+
+def test_json_records_accept_rank_prefixes():
+    text = '# log\n{"a": 1}\n[rank1]:{"b": 2}\nphase {"c": 3}\n[default0]:{bad\n'
+    assert json_records(text) == [{"a": 1}, {"b": 2}]
+
+
+def test_heavylift_ranks_combined_and_weak_scaling():
+    r0 = {**STEP, "floor": {**STEP["floor"]}}
+    r1 = {**STEP, "step_s": 1.6, "tokens_per_s": 10240.0, "tflops": 270.0, "peak_gpu_gib": 61.0,
+          "floor": {"fwd_bwd_s": 1.3, "cpu_optimizer_s": 0.7, "link_s": 0.1, "floor_s": 1.3}}
+    two = combine_ranks([r0, r1])
+    assert two["gpus"] == 2 and two["step_s"] == 1.6 and two["tokens_per_s"] == round(10922.7 + 10240.0, 1)
+    assert two["tflops"] == 280.0 and two["peak_gpu_gib"] == 61.0 and two["host_rss_gib"] == 100.0
+    assert two["floor"] == {"fwd_bwd_s": 1.3, "cpu_optimizer_s": 0.7, "link_s": 0.2, "floor_s": 1.3}
+    assert combine_ranks([r0]) == {**r0, "gpus": 1}
+    case = {**CASE, "gpus": 2}
+    r = assemble(case, "NVIDIA H100", "abc", "2026-11-28", CEIL, two, {}, {}, scaling={1: STEP, 2: two})
+    assert r["weak_scaling"]["2"]["efficiency"] == round(two["tokens_per_s"] / (2 * 10922.7), 3)
+    assert r["ceilings_floor"]["gpu_s"] == pytest.approx(8 * STEP["params"] * 4096 * 4 * 2 / (2 * 700e12))
+    md = markdown(r)
+    assert "2 GPU(s)" in md and "weak scaling (heavylift, same tokens per GPU): 1 GPU(s) 10,923 tokens/s" in md
+    assert combine_peer_ranks([{"step_s": 2.0, "tokens_per_s": 500.0, "model_TFLOPS": 80.0, "peak_gpu_GiB": 30.0,
+                                "host_maxrss_GiB": 60.0}] * 4)["tokens_per_s"] == 2000.0

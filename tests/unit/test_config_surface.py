@@ -62,3 +62,27 @@ def test_cli_subcommands_are_frozen(capsys):
             pass
     capsys.readouterr()
     assert set(seen) == SUBCOMMANDS
+
+
+ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac",
+                  "--no-speculate", "--no-pin", "--state-format", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
+                  "--host-mem-gib", "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
+BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--peers-dir",
+               "--peers", "--peer-timeout", "--out"]
+
+
+def _flags(parser) -> list[str]:
+    return [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]
+
+
+def test_estimate_and_bench_flags_are_frozen():
+    import argparse
+
+    from heavylift.benchmark.run import add_arguments
+    from heavylift.estimate_cli import parser
+
+    assert _flags(parser()) == ESTIMATE_FLAGS
+    bench = argparse.ArgumentParser()
+    add_arguments(bench)
+    assert _flags(bench) == BENCH_FLAGS
+    assert parser().parse_args(["--model", "tiny"]).state_format == "auto"  # estimate picks the format

@@ -173,3 +173,43 @@ def test_bind_cores_off_and_bad_value(monkeypatch):
     monkeypatch.setenv("HEAVYLIFT_BIND_CORES", "off")
     plan = cores.bind_cores(0, 0)
     assert plan.how == "unbound" and plan.worker_threads >= 1 and cores.current_plan() is plan
+
+
+def _fake_group(monkeypatch, world: int, allowed: tuple[int, ...]):
+    """bind_cores over a pretend process group of ``world`` ranks on one host with ``allowed`` CPUs."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(cores, "_plan", None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+
+    def gather(out, info, group=None):
+        for r in range(world):
+            out[r] = cores.RankInfo(r, r, "h/1", allowed)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    monkeypatch.setattr(cores, "apply_plan", lambda plan: plan.worker_threads)  # plan only: pin nothing here
+
+
+def test_binding_is_on_by_default_with_several_ranks(monkeypatch):
+    monkeypatch.delenv("HEAVYLIFT_BIND_CORES", raising=False)
+    monkeypatch.setattr(cores, "_plan", None)
+    assert cores.bind_cores(0, 0).how == "unbound"  # one rank (no group): nothing to split
+    _fake_group(monkeypatch, 2, (0, 1, 2, 3))
+    plan = cores.bind_cores(0, 0)
+    assert plan.how == "split" and plan.cpus == (0, 1)
+    _fake_group(monkeypatch, 2, (0, 1, 2, 3))
+    monkeypatch.setenv("HEAVYLIFT_BIND_CORES", "off")
+    assert cores.bind_cores(0, 0).how == "unbound"
+
+
+def test_too_few_cores_unbound_by_default_error_when_asked(monkeypatch, caplog):
+    _fake_group(monkeypatch, 4, (0, 1))
+    monkeypatch.delenv("HEAVYLIFT_BIND_CORES", raising=False)
+    with caplog.at_level("WARNING", logger="heavylift"):
+        assert cores.bind_cores(0, 0).how == "unbound"
+    assert "not bound" in caplog.text and "4 ranks but only 2 CPU core(s)" in caplog.text
+    _fake_group(monkeypatch, 4, (0, 1))
+    monkeypatch.setenv("HEAVYLIFT_BIND_CORES", "auto")
+    with pytest.raises(cores.TooFewCores, match="--nproc-per-node"):
+        cores.bind_cores(0, 0)

@@ -134,11 +134,13 @@ def test_cli_table(capsys):
 
 def test_cli_does_not_fit_names_what_would(capsys):
     rc = main(["estimate", "--model", "qwen3-4b", "--seq", "16384", "--mbs", "4", "--gpu-mem-gib", "80",
-               "--host-mem-gib", "64", "--gpu-tflops", "700", "--cpu-params-per-s", "4e9", "--link-gbs", "50",
-               "--loss-chunk-tokens", "0"])
+               "--host-mem-gib", "48", "--gpu-tflops", "700", "--cpu-params-per-s", "4e9", "--link-gbs", "50",
+               "--loss-chunk-tokens", "0", "--state-format", "fp32"])
     out = capsys.readouterr().out
     assert rc == 0 and "GPU no" in out and "host no" in out and "to fit:" in out
     assert "micro-batch" in out and "sequence length" in out and "nodes" in out
+    assert "engine.offload.state_format bf16-moments" in out and "-> int8-moments" in out  # the first that fits
+    assert "bf16-moments needs 44 GiB per node (tight)" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -197,3 +199,107 @@ def test_chunked_loss_lowers_the_loss_phase(bench_shape):
     tokens, vocab = 4 * 4096, bench_shape.vocab
     assert stock.gpu_phases["loss"] - chunked.gpu_phases["loss"] == 12 * tokens * vocab - (
         4 * tokens * vocab + 12 * 8192 * vocab)
+
+
+# ---- state formats: the table, the store's layout, the choice ------------------------------------------------
+H100_4 = Machine(gpu_total_bytes=80 * GiB, host_available_bytes=512 * GiB, has_cuda=True)  # the 4x H100 box
+
+
+def test_state_format_bytes_per_param():
+    from heavylift.memory import STATE_FORMATS
+    f = STATE_FORMATS
+    assert [(n, f[n].host, f[n].pinned, f[n].second_set, f[n].cpu_traffic, f[n].link) for n in ("fp32", "bf16-moments")] \
+        == [("fp32", 16, 8, 12, 28, 8), ("bf16-moments", 12, 8, 8, 20, 8)]
+    assert f["int8-moments"].host == pytest.approx(4 + 2 * (1 + 4 / 256) + 4)  # + one fp32 scale per 256 values
+    assert (f["bf16-master"].host, f["bf16-master"].pinned, f["bf16-master"].link) == (12, 6, 6)
+    assert list(f)[:2] == ["fp32", "bf16-moments"] and f["fp32"].exact and not f["bf16-moments"].exact
+
+
+def test_state_formats_built_are_those_the_config_accepts():
+    from heavylift.config.errors import ConfigError
+    from heavylift.config.schema import EngineConfig, validate
+    from heavylift.memory import STATE_FORMATS
+
+    def accepted(name):
+        cfg = EngineConfig()
+        cfg.offload.state_format = name
+        try:
+            validate(cfg)
+            return True
+        except ConfigError:
+            return False
+    assert {n for n, f in STATE_FORMATS.items() if f.built} == {n for n in STATE_FORMATS if accepted(n)}
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16-moments", "int8-moments", "bf16-master"])
+def test_state_format_table_is_the_store_layout(name):
+    """The planner's bytes/param are what offload/store.py allocates per host parameter."""
+    import torch
+
+    from heavylift.memory import STATE_FORMATS
+    from heavylift.offload.buckets import BucketSpec, ParamSpec
+    from heavylift.offload.store import allocate_bucket
+    from heavylift.optim.formats import FORMATS
+
+    fmt, rows, cols = STATE_FORMATS[name], 4, 512  # whole 256-element blocks per row
+    n = rows * cols
+    spec = BucketSpec(0, 0, (ParamSpec("w", n, 0),))
+    plain = allocate_bucket(spec, [torch.Size([rows, cols])], torch.device("cpu"), pin=False, snapshot=False,
+                            fmt=FORMATS[name]).nbytes()
+    assert sum(plain.values()) == pytest.approx(fmt.host * n)
+    assert plain["master"] + plain["grad"] == fmt.pinned * n
+    double = allocate_bucket(spec, [torch.Size([rows, cols])], torch.device("cpu"), pin=False, snapshot=False,
+                             double_buffer=True, fmt=FORMATS[name]).nbytes()
+    assert sum(double.values()) - sum(plain.values()) == pytest.approx(fmt.second_set * n)
+
+
+def test_70b_on_the_4_gpu_box_no_format_fits_and_it_says_why():
+    """Llama-3.3-70B shape, 4 x H100, 512 GiB: fp32 (16 B/param) needs ~1 TiB; even the smallest format
+    does not fit, because every host bucket keeps a 4 B/param fp32 gradient slot."""
+    p = estimate("llama-3-70b", Setup(gpus_per_node=4, seq=4096, mbs=1, state_format="auto"), H100_4)
+    opts = {o.name: o for o in p.formats}
+    assert round(p.shape.params / 1e9, 1) == 70.6
+    assert opts["fp32"].verdict == "no" and opts["fp32"].host_node > 1000 * GiB
+    assert all(o.verdict == "no" for o in p.formats)
+    chosen, why = p.format_choice
+    assert chosen == p.setup.state_format == "int8-moments"  # the fewest bytes, planned with
+    assert "no state format fits" in why and "gradient slot" in why
+    assert opts["int8-moments"].grad_node == pytest.approx(4 * p.host_params * 4, rel=1e-6)
+    assert any("2 nodes" in s for s in p.suggestions)
+    assert p.verdicts["gpu"] == "fits"  # the GPU side is not the problem: bf16 shards are 2 B/param / 4
+
+
+def test_70b_on_two_4_gpu_boxes_picks_bf16_moments():
+    p = estimate("llama-3-70b", Setup(gpus_per_node=4, nodes=2, seq=4096, mbs=1, state_format="auto"), H100_4)
+    opts = {o.name: o.verdict for o in p.formats}
+    assert opts["fp32"] in ("no", "tight") and opts["bf16-moments"] == "fits"  # fp32: ~550 GiB per node
+    chosen, why = p.format_choice
+    assert chosen == p.setup.state_format == "bf16-moments"
+    assert why.startswith("fp32 needs") and "bf16-moments fits on 2 node(s)" in why
+
+
+def test_a_new_state_format_is_one_table_line(monkeypatch):
+    from heavylift.memory import STATE_FORMATS, StateFormat
+    monkeypatch.setitem(STATE_FORMATS, "tiny-test", StateFormat(master=2, moments=1, grad=2))  # 5 B/param
+    p = estimate("llama-3-70b", Setup(gpus_per_node=4, seq=4096, mbs=1, state_format="auto"), H100_4)
+    assert p.format_choice[0] == "tiny-test" and p.fits
+    assert p.host["pinned: master + grad slot (+ back master)"] == (4 + 2 * p.speculate) * p.host_params
+
+
+def test_given_format_is_planned_and_the_choice_still_shown():
+    p = estimate("tiny", Setup(seq=256, state_format="bf16-moments"), Machine(host_available_bytes=16 * GiB))
+    assert p.setup.state_format == "bf16-moments" and p.format_choice[0] == "fp32"
+    assert p.host["pageable: exp_avg + exp_avg_sq"] == 4 * p.host_params
+
+
+def test_cli_70b_on_4_gpus(capsys):
+    args = ["estimate", "--model", "llama-3-70b", "--gpus", "4", "--host-mem-gib", "512", "--gpu-mem-gib", "80",
+            "--seq", "4096", "--gpu-tflops", "746", "--cpu-params-per-s", "5.7e9", "--link-gbs", "39"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "70.55 B params" in out and "4 rank(s)" in out and "host no" in out
+    assert "fp32           16.00 B/param" in out and "no state format fits" in out and "- 2 nodes" in out
+    assert "CPU  AdamW 16 B/p of traffic" in out  # int8-moments' traffic in the floor
+    assert main(args + ["--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "-> bf16-moments" in out and "fp32 needs" in out and "state bf16-moments" in out

@@ -46,6 +46,9 @@ def test_presets_shapes_on_meta():
     sizes = {name: sum(p.numel() for p in build_preset(name).parameters()) for name in PRESETS if name != "tiny"}
     assert round(sizes["llama-3-8b"] / 1e9, 2) == 8.03
     assert round(sizes["llama-3-70b"] / 1e9, 1) == 70.6
+    c = build_preset("llama-3-70b").config  # the Llama-3.3-70B shape (issue 7's 4-GPU target)
+    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+            c.vocab_size, c.tie_word_embeddings) == (8192, 80, 28672, 64, 8, 128256, False)
     assert round(sizes["qwen3-4b"] / 1e9, 2) == 4.02
     assert round(sizes["qwen3-14b"] / 1e9, 1) == 14.8
     assert round(sizes["qwen3-32b"] / 1e9, 1) == 32.8
@@ -73,3 +76,24 @@ def test_default_model_loads():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert len(tok) == 49_152 and tok.chat_template
+
+
+def test_load_model_builds_on_meta_and_streams_a_directory(tiny_dir, tmp_path, caplog):
+    loaded = load_model(str(tiny_dir))  # heavylift train's path
+    assert loaded.weights == str(tiny_dir) and all(p.is_meta for p in loaded.model.parameters())
+    assert loaded.model.config._attn_implementation == "sdpa" and len(loaded.tokenizer) == 259
+    preset = load_model("tiny")
+    assert preset.weights is None and all(p.is_meta for p in preset.model.parameters())
+    assert not any(p.is_meta for p in load_model("tiny", device="cpu").model.parameters())
+    # Checkpoint names that are not the model's parameter names (transformers converts those while loading):
+    # loaded whole, with a warning, rather than streamed wrongly.
+    from safetensors.torch import load_file, save_file
+    for f in tiny_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.norm.scale"] = state.pop("model.norm.weight")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="heavylift"):
+        whole = load_model(str(tmp_path))
+    assert whole.weights is None and not any(p.is_meta for p in whole.model.parameters())
+    assert "loaded whole on every rank" in caplog.text and "model.norm.weight" in caplog.text

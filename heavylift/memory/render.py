@@ -1,0 +1,61 @@
+"""The planner's report: the tiers, the verdicts, what would fit, the state formats, the step-time floor."""
+
+from __future__ import annotations
+
+from heavylift.memory.constants import FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS, GiB
+from heavylift.memory.plan import Machine, Plan, Rates, format_line
+
+
+def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
+    s, sh = p.setup, p.shape
+    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    lines = [f"heavylift estimate: {sh.name}, {sh.params / 1e9:.2f} B params ({sh.layers} blocks, hidden {sh.hidden}, "
+             f"vocab {sh.vocab})",
+             f"  {s.nodes} node(s) x {s.gpus_per_node} GPU(s) = {s.world} rank(s); seq {s.seq}, micro-batch {s.mbs}, "
+             f"grad accum {s.accum} = {s.tokens_per_step:,} tokens/step; activation checkpointing "
+             f"{'on' if s.activation_checkpointing else 'off'}; state {s.state_format}; "
+             f"GPU tail {p.tail_params / max(p.tail_params + p.host_params, 1):.0%} of params",
+             format_line(s.state_format),
+             "", f"{'tier / item (per rank)':52s}{'bytes':>13s}"]
+    phase = max(p.gpu_phases, key=p.gpu_phases.get)
+    lines.append(f"GPU  (peak in the {phase} phase)")
+    for k, b in p.gpu.items():
+        lines.append(f"  {k:50s}{g(b)}")
+    lines.append(f"  {'peak allocated':50s}{g(p.gpu_peak)}")
+    lines.append(f"  {'(other phase: ' + ', '.join(f'{n} {b / GiB:.1f} GiB' for n, b in p.gpu_phases.items() if n != phase) + ')':50s}")
+    lines.append("host")
+    for k, b in p.host.items():
+        lines.append(f"  {k:50s}{g(b)}")
+    lines.append(f"  {'peak per rank':50s}{g(p.host_peak_rank)}")
+    lines.append(f"  {f'peak per node ({s.gpus_per_node} rank(s))':50s}{g(p.host_peak_node)}")
+    lines.append(f"NVMe{'':48s}{g(p.nvme)}")
+    lines.append("")
+    have_gpu = "unknown" if machine.gpu_usable is None else f"{machine.gpu_usable / GiB:.1f} GiB usable"
+    have_host = "unknown" if machine.host_available_bytes is None else \
+        f"{machine.host_available_bytes / GiB:.1f} GiB available"
+    lines.append(f"fits: GPU {p.verdicts['gpu']} ({have_gpu}); host {p.verdicts['host']} ({have_host})"
+                 + (f"; pinned {p.verdicts['pinned']}" if "pinned" in p.verdicts else ""))
+    for r in p.reasons:
+        lines.append(f"  {r}")
+    if p.suggestions:
+        lines.append("to fit:")
+        lines.extend(f"  - {x}" for x in p.suggestions)
+    for n in p.notes:
+        lines.append(f"note: {n}")
+    if p.formats:
+        from heavylift.memory.formats import render_options
+        lines += ["", *render_options(p.formats, *p.format_choice)]
+    if rates is not None and p.times:
+        t, fmt = p.times, STATE_FORMATS[s.state_format]
+        lines += ["", "step-time floor (per optimizer step)",
+                  f"  GPU  8PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s"
+                  if s.activation_checkpointing else
+                  f"  GPU  6PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s",
+                  f"  CPU  AdamW {fmt.cpu_traffic:.0f} B/p of traffic at {FP32_ADAMW_TRAFFIC * rates.cpu_params_per_s / 1e9:.0f}"
+                  f" GB/s/host (fp32 {rates.cpu_params_per_s / 1e9:.2f} G params/s, {rates.sources[1]})"
+                  f" {t['cpu']:8.3f} s",
+                  f"  link {fmt.grad:g} B/p down + {fmt.master:g} B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]})"
+                  f" x{LINK_DUPLEX} duplex {t['link']:8.3f} s",
+                  f"  floor (overlapped: max) {t['floor']:.3f} s = {s.tokens_per_step / t['floor']:,.0f} tokens/s; "
+                  f"serial sum {t['serial']:.3f} s"]
+    return "\n".join(lines)
