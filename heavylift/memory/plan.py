@@ -12,6 +12,7 @@ from heavylift.memory.constants import (
     FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS,
 )
 from heavylift.memory.model import ModelShape, model_shape
+from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION
 from heavylift.optim.formats import FORMATS, StateFormat
 
 
@@ -97,6 +98,7 @@ class Plan:
     suggestions: list[str] = field(default_factory=list)
     formats: list = field(default_factory=list)  # memory.formats.FormatOption per state format
     format_choice: tuple[str, str] = ("", "")  # (the format that fits, why)
+    gpu_settled: int = 0  # on CUDA with the automatic placement: the peak once it has spent the card
 
     @property
     def fits(self) -> bool:
@@ -139,6 +141,15 @@ def _tail_ratio(shape: ModelShape, setup: Setup, machine: Machine) -> float:
     tail_bytes = _tail_format(setup).state_bytes
     return 1.0 - (root / (shape.params / setup.world)
                   if root * tail_bytes <= machine.gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0.0)
+
+
+def _placement_settles(peak: int, setup: Setup, machine: Machine) -> int:
+    """The GPU peak after the automatic placement (offload.ratio unset, a CUDA card of known size): it
+    fills the card to its margin (offload/tail.py), or 0 where it does not apply."""
+    if setup.tail_ratio is not None or not machine.gpu_total_bytes:
+        return 0
+    target = int(machine.gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES)
+    return target if target > peak else 0
 
 
 def _format(setup: Setup) -> StateFormat:
@@ -242,9 +253,16 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     if not machine.has_cuda and machine.gpu_total_bytes is None:  # training on the CPU: the device is RAM
         host["compute device = CPU (weights, activations)"] = phases[peak_phase]
     host_rank = sum(host.values())
+    settled = _placement_settles(phases[peak_phase], setup, machine)
+    if settled:
+        moved = min(int((settled - phases[peak_phase]) // _tail_format(setup).state_bytes), host_params)
+        notes.append(f"the automatic placement then spends the card up to {settled / GiB:.1f} GiB (offload/placement.py): "
+                     f"GPU tail first, blocks that keep their activations next; at most {moved / 1e9:.2f} B params "
+                     f"leave the host, {moved * (fmt.host + fmt.second_set * speculate) / GiB:.1f} GiB of its state")
     result = Plan(shape=shape, setup=setup, gpu=gpu_items, gpu_phases=phases, gpu_peak=phases[peak_phase],
                   host=host, host_peak_rank=host_rank, host_peak_node=host_rank * setup.gpus_per_node, nvme=0,
-                  tail_params=tail_params, host_params=host_params, speculate=speculate, notes=notes)
+                  tail_params=tail_params, host_params=host_params, speculate=speculate, notes=notes,
+                  gpu_settled=settled)
     if rates is not None:
         result.times = floor_times(shape, setup, host_params, rates)
     _verdicts(result, machine)

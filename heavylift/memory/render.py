@@ -23,6 +23,8 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
         lines.append(f"  {k:50s}{g(b)}")
     lines.append(f"  {'peak allocated':50s}{g(p.gpu_peak)}")
     lines.append(f"  {'(other phase: ' + ', '.join(f'{n} {b / GiB:.1f} GiB' for n, b in p.gpu_phases.items() if n != phase) + ')':50s}")
+    if p.gpu_settled:
+        lines.append(f"  {'after the automatic placement (step 4)':50s}{g(p.gpu_settled)}")
     lines.append("host")
     for k, b in p.host.items():
         lines.append(f"  {k:50s}{g(b)}")
