@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from heavylift.metrics import host_rss_bytes
 from heavylift.shard.recompute import checkpointed
 
 SHAPES = {
@@ -129,15 +130,6 @@ def link_alone(engine) -> float:
     return time.perf_counter() - t
 
 
-def _rss_now() -> int:
-    """Resident set now (ru_maxrss is the peak, which includes the state before the tail moved)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _together() -> None:
     """All ranks start the next measured part at once: concurrent, as in a training step."""
     import torch.distributed as dist
@@ -217,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         "compile": ec.compile, "recompute": ec.recompute,
         "blocks_recomputing": sum(checkpointed(b) for b in (engine.placement.blocks if engine.placement else [])),
         "placement": engine.placement.log if engine.placement else [],
-        "host_rss_now_gib": round(_rss_now() / 2**30, 2),
+        "host_rss_now_gib": round(host_rss_bytes() / 2**30, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "floor": {k: round(v, 4) for k, v in floor.items()},

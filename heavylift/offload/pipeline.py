@@ -331,10 +331,7 @@ class OffloadPipeline:
                     self._step_slots(self.buckets[b], pend.active, 1.0, coef)
                 self._upload(b)
         elif not found_inf:
-            self._wait_upload(b)
-            with self._timed(pend.active):
-                self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
-            self._upload(b)
+            self._step_after_norm(b, pend, coef)
         self._final[b].set()
 
     def _finish_double_buffered(self, b: int, pend: _Pending, found_inf: bool, coef: float) -> None:
@@ -355,12 +352,16 @@ class OffloadPipeline:
             self._wait_upload(b)
             self._upload(b)
         elif not found_inf:
-            self._wait_upload(b)
-            with self._timed(pend.active):
-                self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
-            self._upload(b)
+            self._step_after_norm(b, pend, coef)
 
     # ---- shared helpers -------------------------------------------------------------------------
+    def _step_after_norm(self, b: int, pend: _Pending, coef: float) -> None:
+        """A bucket that did not speculate steps once the norm is known: in place, then uploaded."""
+        self._wait_upload(b)
+        with self._timed(pend.active):
+            self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
+        self._upload(b)
+
     @contextlib.contextmanager
     def _timed(self, slots: list[Slot]):
         """Count a CPU step's seconds and parameters: the kernel's rate as the worker really runs it
