@@ -5,8 +5,8 @@
 #   PART=tests   tests/gpu (engine equivalence, race, pinning, formats' GPU tail, compiled bf16 vs fp32)
 #   PART=bench   heavylift bench against FSDP2 offload, DeepSpeed ZeRO-3 offload and SuperOffload, then
 #                the shared floor probe (stock HF forward+backward) on the same machine
-#   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint (save/resume/export
-#                timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
+#   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint, a resume from it that
+#                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
 # HEAVYLIFT_COMMIT names the commit (the tree travels without .git). Logs land in $OUT.
 set -uo pipefail
@@ -27,15 +27,19 @@ bench)
   tail -25 "$OUT/bench.log"; tail -2 "$OUT/floor_probe.log"
   ;;
 train)
-  R="$OUT/run"
-  timeout 100 python -m heavylift estimate --model qwen3-4b --gpus 1 --seq 2048 --mbs 4 > "$OUT/estimate.log" 2>&1
-  /usr/bin/time -v timeout 330 python -m heavylift train --model qwen3-4b --seq_len 2048 \
-    --engine.batch.micro_batch_size 4 --max_steps 12 --out_dir "$R" --checkpoint_dir /tmp/ckpt --save_every 12 \
-    > "$OUT/train.log" 2>&1
+  R="$OUT/run"; M=${MODEL:-qwen3-4b}; C=${CKPT:-/tmp/ckpt}
+  timeout 100 python -m heavylift estimate --model "$M" --gpus 1 --seq 2048 --mbs 4 > "$OUT/estimate.log" 2>&1
+  /usr/bin/time -v timeout 300 python -m heavylift train --model "$M" --seq_len 2048 \
+    --engine.batch.micro_batch_size 4 --max_steps ${STEPS:-12} --eval_every 6 --out_dir "$R" \
+    --checkpoint_dir "$C" --save_every ${STEPS:-12} > "$OUT/train.log" 2>&1
   timeout 60 python -m heavylift report "$R" >> "$OUT/train.log" 2>&1
   cp "$R"/*.png "$R"/metrics.jsonl "$OUT/" 2>/dev/null
-  /usr/bin/time -v timeout 120 python -m heavylift export /tmp/ckpt/step-12 /tmp/hf_out --dtype bf16 \
+  /usr/bin/time -v timeout 150 python -m heavylift train --model "$M" --seq_len 2048 \
+    --engine.batch.micro_batch_size 4 --max_steps $(( ${STEPS:-12} + 2 )) --out_dir "$R-resumed" \
+    --checkpoint_dir "$C" --resume auto --keep_checkpoints 1 > "$OUT/resume.log" 2>&1
+  /usr/bin/time -v timeout 120 python -m heavylift export "$C/step-$(( ${STEPS:-12} + 2 ))" /tmp/hf_out --dtype bf16 \
     > "$OUT/export.log" 2>&1
-  grep -E "heavylift:|Maximum resident|Elapsed" "$OUT/train.log" "$OUT/export.log"; tail -30 "$OUT/estimate.log"
+  grep -h -E "heavylift:|Maximum resident|Elapsed|rror" "$OUT/train.log" "$OUT/resume.log" "$OUT/export.log"
+  tail -30 "$OUT/estimate.log"
   ;;
 esac

@@ -61,9 +61,10 @@ def run(cfg: TrainConfig) -> dict:
 
     def save_fn(step: int) -> None:  # at the last step only when saving; earlier: periodic or preempted
         if saving or step < steps:
+            began = time.perf_counter()
             save_checkpoint(engine, ckpt_dir, f"step-{step}", extra={"loader": train_loader.state_dict()},
                             keep=cfg.keep_checkpoints, tokenizer=tokenizer)
-            say(f"heavylift: saved {ckpt_dir / f'step-{step}'}")
+            say(f"heavylift: saved {ckpt_dir / f'step-{step}'} in {time.perf_counter() - began:.1f} s")
 
     with Preemption() as preempt, tqdm(total=steps, initial=start_step, desc="train", unit="step",
                                        disable=rank != 0, dynamic_ncols=True) as progress:
@@ -89,13 +90,15 @@ def _resume(cfg: TrainConfig, engine, train_loader, ckpt_dir: pathlib.Path, say)
     """Load ``cfg.resume`` ("auto": the newest checkpoint that verifies) and return the step reached."""
     if not cfg.resume:
         return 0
+    began = time.perf_counter()
     extra = (resume_auto(engine, ckpt_dir) if cfg.resume == "auto"
              else load_checkpoint(engine, ckpt_dir, cfg.resume))
     if extra is None:
         say(f"heavylift: no checkpoint in {ckpt_dir}; starting fresh")
         return 0
     train_loader.load_state_dict(extra["loader"])
-    say(f"heavylift: resumed {ckpt_dir / extra['tag']} at step {engine.global_step}")
+    say(f"heavylift: resumed {ckpt_dir / extra['tag']} at step {engine.global_step} "
+        f"in {time.perf_counter() - began:.1f} s")
     return engine.global_step
 
 
