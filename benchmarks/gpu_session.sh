@@ -5,6 +5,8 @@
 #   PART=tests   tests/gpu (engine equivalence, race, pinning, formats' GPU tail, compiled bf16 vs fp32)
 #   PART=bench   heavylift bench against FSDP2 offload, DeepSpeed ZeRO-3 offload and SuperOffload, then
 #                the shared floor probe (stock HF forward+backward) on the same machine
+#   PART=multi   issue 4/5 on GPUS ranks (train + checkpoint, export, resume on half the ranks), nvidia-h200-x4
+#   PART=scale   issue 7: bench --gpus COUNTS (weak scaling), PEERS at the largest count, nvidia-h200-x4
 #   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint, a resume from it that
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
@@ -41,5 +43,35 @@ train)
     > "$OUT/export.log" 2>&1
   grep -h -E "heavylift:|Maximum resident|Elapsed|rror" "$OUT/train.log" "$OUT/resume.log" "$OUT/export.log"
   tail -30 "$OUT/estimate.log"
+  ;;
+multi)
+  # issue 4's multi-GPU case and issue 5 on GPUs: train on N ranks with a checkpoint, export it, resume
+  # it on N/2 ranks (another world size), each with peak RSS; the estimate for the same case beside it.
+  N=${GPUS:-4}; H=$(( N / 2 )); M=${MODEL:-qwen3-4b}; C=/tmp/ckpt$N; S=${STEPS:-8}
+  TR="torchrun --standalone --nproc_per_node"
+  timeout 100 python -m heavylift estimate --model "$M" --gpus $N --seq 2048 --mbs 4 > "$OUT/estimate$N.log" 2>&1
+  /usr/bin/time -v timeout 240 $TR $N -m heavylift train --model "$M" --seq_len 2048 \
+    --engine.batch.micro_batch_size 4 --max_steps $S --out_dir /tmp/run$N --checkpoint_dir $C --save_every $S \
+    > "$OUT/train$N.log" 2>&1
+  /usr/bin/time -v timeout 120 python -m heavylift export $C/step-$S /tmp/hf$N --dtype bf16 > "$OUT/export$N.log" 2>&1
+  timeout 100 python -c "import sys, time, torch, transformers as t; s = time.time(); \
+m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16); \
+print(f'from_pretrained: {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B params in {time.time() - s:.0f} s')" \
+    /tmp/hf$N >> "$OUT/export$N.log" 2>&1
+  /usr/bin/time -v timeout 200 $TR $H -m heavylift train --model "$M" --seq_len 2048 \
+    --engine.batch.micro_batch_size 4 --max_steps $(( S + 2 )) --out_dir /tmp/run$H --resume $C/step-$S \
+    > "$OUT/resume$H.log" 2>&1
+  cp /tmp/run$N/metrics.jsonl "$OUT/metrics$N.jsonl"; cp /tmp/run$H/metrics.jsonl "$OUT/metrics$H.jsonl"
+  for f in train$N export$N resume$H; do echo "== $f"; tr '\r' '\n' < "$OUT/$f.log" | \
+    grep -E "^step|heavylift:|from_pretrained|Maximum resident|Elapsed|rror" | grep -v "^train:" | tail -14; done
+  grep -E "peak|placement|fits" "$OUT/estimate$N.log"
+  ;;
+scale)
+  # issue 7: heavylift's weak scaling (tokens per GPU fixed) and, with PEERS, the peers at the largest count
+  mkdir -p "$OUT/r"
+  timeout 560 python -m heavylift bench --model qwen3-4b --seq 4096 --mbs 4 --steps 3 --gpus "${COUNTS:-1,2,4}" \
+    --peers-dir .bench/bench --peers "${PEERS:-}" --peer-timeout "${PEER_TIMEOUT:-150}" --out "$OUT/r" \
+    > "$OUT/scale.log" 2>&1
+  tail -30 "$OUT/scale.log"
   ;;
 esac

@@ -10,10 +10,12 @@ import torch
 
 
 class MetricsLog:
-    """``log(step, {...})`` appends one JSON line (with wall time) and one TensorBoard scalar per number."""
+    """``log(step, {...})`` appends one JSON line (with wall time) and one TensorBoard scalar per number, and
+    hands ``echo`` (e.g. ``tqdm.write``) a one-line summary of it."""
 
-    def __init__(self, out_dir: str | pathlib.Path, enabled: bool = True, tensorboard: bool = True):
-        self.enabled = enabled
+    def __init__(self, out_dir: str | pathlib.Path, enabled: bool = True, tensorboard: bool = True,
+                 echo=None):
+        self.enabled, self.echo = enabled, echo
         self.path = pathlib.Path(out_dir) / "metrics.jsonl"
         self._file = self._tb = None
         if not enabled:
@@ -29,6 +31,8 @@ class MetricsLog:
             return
         self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         self._file.flush()
+        if self.echo is not None:
+            self.echo(describe(step, metrics))
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -43,6 +47,23 @@ class MetricsLog:
 
 # Dense bf16 tensor-core peaks (TFLOP/s per GPU, no sparsity), matched as substrings of the device name.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+_LINE = (  # (key, format): the order and form of the printed summary; absent keys are left out
+    ("loss", "loss {:.4f}"), ("eval_loss", "eval loss {:.4f}"), ("eval_loss_before", "eval loss before {:.4f}"),
+    ("eval_loss_after", "after {:.4f}"), ("lr", "lr {:.3g}"), ("grad_norm", "gnorm {:.3g}"),
+    ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.0f} TFLOPS/GPU"), ("mfu", "MFU {:.1%}"),
+    ("forward_s", "fwd {:.3f} s"), ("backward_s", "bwd {:.3f} s"), ("optim_wait_s", "optim wait {:.3f} s"),
+    ("link_gbs", "link {:.1f} GB/s"), ("gpu_peak_mem_gib", "GPU peak {:.1f} GiB"),
+    ("host_rss_gib", "host {:.1f} GiB"), ("pinned_gib", "pinned {:.1f} GiB"))
+
+
+def describe(step: int, metrics: dict) -> str:
+    """One line: ``step 12 | loss 4.1135 | lr 2.45e-06 | ... | host 2.2 GiB | pinned 40.6 GiB``."""
+    parts = [fmt.format(metrics[k]) for k, fmt in _LINE if isinstance(metrics.get(k), (int, float))]
+    if metrics.get("skipped"):
+        parts.append("step skipped")
+    return " | ".join([f"step {step}"] + parts)
 
 
 def peak_tflops_for(device_name: str | None) -> float | None:

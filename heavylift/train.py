@@ -51,7 +51,7 @@ def run(cfg: TrainConfig) -> dict:
 
     engine, optimizer, _, _ = heavylift.initialize(model=model, config=engine_cfg, weights=weights)
     out_dir = pathlib.Path(cfg.out_dir)
-    log = MetricsLog(out_dir, enabled=rank == 0)
+    log = MetricsLog(out_dir, enabled=rank == 0, echo=tqdm.write)
     eval_fn = (lambda: evaluate(engine, eval_loader.one_pass())) if eval_loader else None
     before = eval_fn() if eval_fn else None
     say(f"heavylift: held-out before training: {_describe_eval(before)} ({time.perf_counter() - start:.0f} s)")
@@ -91,8 +91,11 @@ def _resume(cfg: TrainConfig, engine, train_loader, ckpt_dir: pathlib.Path, say)
     if not cfg.resume:
         return 0
     began = time.perf_counter()
-    extra = (resume_auto(engine, ckpt_dir) if cfg.resume == "auto"
-             else load_checkpoint(engine, ckpt_dir, cfg.resume))
+    if "/" in cfg.resume:  # a checkpoint directory given by its path
+        ckpt_dir, tag = pathlib.Path(cfg.resume).parent, pathlib.Path(cfg.resume).name
+    else:
+        tag = cfg.resume
+    extra = resume_auto(engine, ckpt_dir) if tag == "auto" else load_checkpoint(engine, ckpt_dir, tag)
     if extra is None:
         say(f"heavylift: no checkpoint in {ckpt_dir}; starting fresh")
         return 0

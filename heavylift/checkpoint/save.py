@@ -47,14 +47,17 @@ def save(engine, directory: str | os.PathLike, tag: str, extra: dict | None = No
     main = rank == 0
     tmp, final = directory / f"{paths.TMP_PREFIX}{tag}", directory / tag
     engine.pipeline.wait_all()  # the CPU worker may still be writing the last step's state
+    state = tensor_state(engine)
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
+    _check_space(directory, state, main, keep, engine.env.device)
+    if main:
         tmp.mkdir(parents=True)
     dist.barrier()
     # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is closed, and
     # clones each of ours (views into the bucket buffers), so one file per rank would briefly double
     # the rank's host state (measured: +1.88 GiB for a 1.88 GiB checkpoint; one tensor at a time now).
-    dcp.save(tensor_state(engine),
+    dcp.save(state,
              storage_writer=dcp.FileSystemWriter(tmp / paths.STATE, single_file_per_rank=False, sync_files=True))
     _write_rank_file(tmp / paths.rank_file(rank))
     if main:
@@ -73,6 +76,38 @@ def save(engine, directory: str | os.PathLike, tag: str, extra: dict | None = No
         paths.prune(directory, keep, protect=tag)
     dist.barrier()
     return final
+
+
+def _check_space(directory: pathlib.Path, state: dict, main: bool, keep: int, device: torch.device) -> None:
+    """Refuse (on every rank at once, before anything is written) a save the filesystem has no room for.
+
+    Need per node: this rank's shards times the ranks on the node (shards are near equal), plus the
+    replicated tensors (frozen weights, buffers; written once, by rank 0) and 64 MiB of metadata slack.
+    """
+    local = sum(_local_bytes(t) for k, t in state.items() if not k.startswith(("frozen.", "buffer.")))
+    shared = sum(_local_bytes(t) for k, t in state.items() if k.startswith(("frozen.", "buffer."))) if main else 0
+    need = local * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) + shared + (64 << 20)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+        problem = "" if free >= need else (
+            f"checkpoint needs about {need / 2**30:.1f} GiB in {directory}, {free / 2**30:.1f} GiB free: "
+            f"free space there or set checkpoint_dir to a disk with room"
+            + (f" (keep_checkpoints={keep} deletes older ones only after the new one is complete)" if keep else ""))
+    except OSError as e:
+        problem = f"cannot use checkpoint directory {directory}: {e.strerror or e}; set checkpoint_dir to a writable path"
+    flag = torch.tensor([1 if problem else 0], device=device)  # on the process group's device (NCCL: GPU)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if problem or flag.item():
+        from heavylift.config.errors import HeavyliftError
+
+        raise HeavyliftError(problem or "checkpoint not saved: another rank has no room or no access (see its error)")
+
+
+def _local_bytes(t) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size() if isinstance(local, torch.Tensor) else 0
 
 
 def _write_rank_file(path: pathlib.Path) -> None:

@@ -49,7 +49,8 @@ class TrainConfig:
     checkpoint_dir: str = ""
     save_every: int = 0
     keep_checkpoints: int = 2
-    # "auto": the newest checkpoint that verifies (a fresh start if none); a tag; "": never resume.
+    # "auto": the newest checkpoint in checkpoint_dir that verifies (a fresh start if none); a tag in
+    # checkpoint_dir; a path to a checkpoint directory (anything with a '/'); "": never resume.
     resume: str = ""
     engine: EngineConfig = field(default_factory=_default_engine)
 

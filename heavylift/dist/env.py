@@ -62,13 +62,14 @@ def init_dist() -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if use_cuda else "gloo"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if not dist.is_initialized():
         timeout = process_group_timeout(backend)
+        bound = {"device_id": device} if use_cuda else {}  # NCCL: this rank's GPU, not guessed from its rank
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout, **bound)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **bound)
     world = dist.get_world_size()
     rank = dist.get_rank()
     if world > 1 and backend == "gloo":

@@ -143,13 +143,26 @@ def _tail_ratio(shape: ModelShape, setup: Setup, machine: Machine) -> float:
                   if root * tail_bytes <= machine.gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0.0)
 
 
-def _placement_settles(peak: int, setup: Setup, machine: Machine) -> int:
-    """The GPU peak after the automatic placement (offload.ratio unset, a CUDA card of known size): it
-    fills the card to its margin (offload/tail.py), or 0 where it does not apply."""
+def _placement_settles(peak: int, setup: Setup, machine: Machine, shape: ModelShape, host_params: int) -> int:
+    """The GPU peak after the automatic placement (offload.ratio unset, a CUDA card of known size), or 0
+    where it does not apply: it fills the card to its margin (offload/tail.py), unless everything it can
+    buy fits below that: all host state as GPU tail and every block keeping its activations."""
     if setup.tail_ratio is not None or not machine.gpu_total_bytes:
         return 0
     target = int(machine.gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES)
-    return target if target > peak else 0
+    everything = peak + int(host_params * _tail_format(setup).state_bytes)
+    if setup.activation_checkpointing:
+        everything += shape.layers * setup.mbs * setup.seq * kept_block_bytes_per_token(shape)
+    return min(target, everything) if target > peak else 0
+
+
+def kept_block_bytes_per_token(shape: ModelShape) -> int:
+    """What one compiled block keeps for its backward when it stops recomputing, per token (bf16): the
+    matmul inputs (two norm outputs, attention output, the MLP product), q/k/v after RoPE, the two
+    residual inputs, gate and up: 8h + 4q + 4kv + 6f. For qwen3-4b that is 1.52 GiB at 16K tokens; the
+    placement's probe measured 1.40 GiB (H100, session 2)."""
+    h, f, q, kv = shape.hidden, shape.ffn, shape.q_dim, shape.kv_dim
+    return 8 * h + 4 * q + 4 * kv + 6 * f
 
 
 def _format(setup: Setup) -> StateFormat:
@@ -253,12 +266,15 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     if not machine.has_cuda and machine.gpu_total_bytes is None:  # training on the CPU: the device is RAM
         host["compute device = CPU (weights, activations)"] = phases[peak_phase]
     host_rank = sum(host.values())
-    settled = _placement_settles(phases[peak_phase], setup, machine)
+    settled = _placement_settles(phases[peak_phase], setup, machine, shape, host_params)
     if settled:
         moved = min(int((settled - phases[peak_phase]) // _tail_format(setup).state_bytes), host_params)
+        target = machine.gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES
         notes.append(f"the automatic placement then spends the card up to {settled / GiB:.1f} GiB (offload/placement.py): "
-                     f"GPU tail first, blocks that keep their activations next; at most {moved / 1e9:.2f} B params "
-                     f"leave the host, {moved * (fmt.host + fmt.second_set * speculate) / GiB:.1f} GiB of its state")
+                     + ("all host state becomes GPU tail and every block keeps its activations (all of it fits "
+                        f"below {target / GiB:.1f} GiB)" if settled < target else
+                        f"GPU tail first, blocks that keep their activations next; at most {moved / 1e9:.2f} B params "
+                        f"leave the host, {moved * (fmt.host + fmt.second_set * speculate) / GiB:.1f} GiB of its state"))
     result = Plan(shape=shape, setup=setup, gpu=gpu_items, gpu_phases=phases, gpu_peak=phases[peak_phase],
                   host=host, host_peak_rank=host_rank, host_peak_node=host_rank * setup.gpus_per_node, nvme=0,
                   tail_params=tail_params, host_params=host_params, speculate=speculate, notes=notes,

@@ -98,3 +98,38 @@ def test_preempted_loop_saves_and_resumes(tmp_path):
     assert resumed.global_step == 3
     resumed.close()
     engine.close()
+
+
+def test_a_save_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    """Too little free space (or an unusable directory): a one-line error naming the need, the free
+    space and checkpoint_dir, raised before a byte is written; the previous checkpoint stays latest."""
+    import collections
+    import shutil
+
+    import pytest
+
+    import importlib
+
+    save_module = importlib.import_module("heavylift.checkpoint.save")
+    from heavylift.config.errors import HeavyliftError
+    from support.checkpointing import train
+
+    engine = new_engine()
+    train(engine, range(1))
+    ckpt = tmp_path / "ckpt"
+    save(engine, ckpt, "step-1")
+    real = shutil.disk_usage
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(save_module.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    train(engine, range(1, 2))
+    with pytest.raises(HeavyliftError, match=r"checkpoint needs about .* GiB in .*, 0\.0 GiB free.*checkpoint_dir"):
+        save(engine, ckpt, "step-2", keep=1)
+    assert complete_tags(ckpt) == ["step-1"] and read_latest(ckpt) == "step-1"
+    assert not (ckpt / ".tmp-step-2").exists() and not (ckpt / "step-2").exists()
+    monkeypatch.setattr(save_module.shutil, "disk_usage", real)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(HeavyliftError, match="cannot use checkpoint directory .*set checkpoint_dir"):
+        save(engine, blocked / "ckpt", "step-2")
+    save(engine, ckpt, "step-2", keep=1)  # with room: saved, and the older one pruned after
+    assert complete_tags(ckpt) == ["step-2"]

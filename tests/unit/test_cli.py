@@ -16,6 +16,9 @@ def test_train_tiny_end_to_end(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "held-out before training: loss" in printed and "held-out after 4 steps: loss" in printed
+    echoed = [l for l in printed.splitlines() if l.startswith("step ")]  # one summary line per logged step
+    assert [l.split(" | ")[0] for l in echoed[:4]] == ["step 1", "step 2", "step 3", "step 4"]
+    assert all(" tok/s | " in l and " | optim wait " in l and " | host " in l for l in echoed[:4])
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if "loss" in l]
     assert [l["step"] for l in steps] == [1, 2, 3, 4]
@@ -92,3 +95,9 @@ def test_train_saves_resumes_and_exports(tmp_path, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert sum(p.numel() for p in model.parameters()) > 0
+    capsys.readouterr()  # a checkpoint named by its path: resumed, and with no checkpoint_dir nothing saved
+    other = tmp_path / "other"
+    assert main(["train", "--model", "tiny", "--seq_len", "128", "--out_dir", str(other), "--engine.precision.dtype",
+                 "fp32", "--max_steps", "7", "--resume", str(ckpts / "step-6")]) == 0
+    assert f"resumed {ckpts / 'step-6'} at step 6" in capsys.readouterr().out
+    assert not (other / "checkpoints").exists()

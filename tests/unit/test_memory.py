@@ -314,3 +314,10 @@ def test_automatic_placement_fills_the_card_to_its_margin():
     assert any("automatic placement" in n for n in p.notes)
     fixed = estimate("qwen3-4b", Setup(seq=4096, mbs=4, state_format="fp32", tail_ratio=0.1), card)
     assert fixed.gpu_settled == 0  # a ratio the user set is kept
+    # Four ranks of a 141 GB card: everything the placement can buy fits below the margin, so it stops there.
+    from heavylift.memory.plan import kept_block_bytes_per_token
+    h200 = Machine(gpu_total_bytes=int(139.8 * GiB), host_available_bytes=500 * GiB, has_cuda=True)
+    four = estimate("qwen3-4b", Setup(seq=2048, mbs=4, state_format="fp32", gpus_per_node=4), h200)
+    kept = four.shape.layers * 2048 * 4 * kept_block_bytes_per_token(four.shape)
+    assert four.gpu_settled == four.gpu_peak + four.host_params * 16 + kept < int(139.8 * GiB * 0.9 - 2 * GiB)
+    assert any("every block keeps its activations" in n for n in four.notes)
