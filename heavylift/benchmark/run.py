@@ -14,8 +14,10 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+import tempfile
 
 from heavylift.benchmark.peers import MODES, install_wheels, json_records, launcher, run_peer
 from heavylift.benchmark.table import assemble, markdown
@@ -65,9 +67,19 @@ def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         what = " ".join(cmd[cmd.index("-m") + 1:][:1]) if "-m" in cmd else cmd[-1]
-        raise HeavyliftError(f"{what} failed (exit {proc.returncode}): "
-                             f"{(out.strip().splitlines() or ['no output'])[-1][:300]}")
+        log = pathlib.Path(tempfile.mkstemp(prefix="heavylift-bench-", suffix=".log")[1])
+        log.write_text(out)
+        raise HeavyliftError(f"{what} failed (exit {proc.returncode}): {failure_line(out)[:400]} (its output: {log})")
     return json_records(proc.stdout), out
+
+
+def failure_line(out: str) -> str:
+    """The line that says why a (torchrun) child failed: the last exception line a rank printed, else the
+    last line of the output (torchrun's own summary names no cause)."""
+    lines = out.strip().splitlines() or ["no output"]
+    causes = [l for l in lines if re.match(r"^(\[rank\d+\]:\s*)?[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", l)
+              and "ChildFailedError" not in l]
+    return (causes or lines)[-1].strip()
 
 
 def _commit() -> str:

@@ -133,3 +133,14 @@ def test_heavylift_ranks_combined_and_weak_scaling():
     assert "2 GPU(s)" in md and "weak scaling (heavylift, same tokens per GPU): 1 GPU(s) 10,923 tokens/s" in md
     assert combine_peer_ranks([{"step_s": 2.0, "tokens_per_s": 500.0, "model_TFLOPS": 80.0, "peak_gpu_GiB": 30.0,
                                 "host_maxrss_GiB": 60.0}] * 4)["tokens_per_s"] == 2000.0
+
+
+def test_a_failed_child_is_reported_by_its_exception_line():
+    from heavylift.benchmark.run import failure_line
+
+    torchrun = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"step.py\", line 3\n"
+                "[rank1]: IndexError: list index out of range\nE1128 api.py:1002] failed (exitcode: 1)\n"
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + "=" * 60)
+    assert failure_line(torchrun) == "[rank1]: IndexError: list index out of range"
+    assert failure_line("torch.OutOfMemoryError: CUDA out of memory.\nbye") == "torch.OutOfMemoryError: CUDA out of memory."
+    assert failure_line("no cause here\nlast") == "last" and failure_line("") == "no output"
