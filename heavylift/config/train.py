@@ -15,8 +15,8 @@ from heavylift.config.schema import EngineConfig, OptimConfig, ScheduleConfig, v
 
 def _default_engine() -> EngineConfig:
     return EngineConfig(optim=OptimConfig(lr=1e-4), schedule=ScheduleConfig(kind="warmup_cosine", warmup_steps=2,
-                                                                   warmup_start_ratio=0.1),
-                        activation_checkpointing=False)
+                                                                   warmup_start_ratio=0.1))
+
 
 
 @dataclass
