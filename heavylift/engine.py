@@ -25,9 +25,12 @@ from heavylift.models.loss import chunked_causal_lm_loss
 from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes
+from heavylift.memory.constants import AUTO_TAIL_CARD_FRACTION
 from heavylift.offload.placement import AutoPlacement
+from heavylift.offload.tail import buckets_to_move
 from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail, write_master
 from heavylift.optim.adamw import AdamWHyper
+from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS, master_fp32
 from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
@@ -47,17 +50,18 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def initialize(model: nn.Module, config: EngineConfig | dict | str | None = None, weights: str | None = None,
-               **_ignored: Any):
+               seq_len: int | None = None, **_ignored: Any):
     """Shard ``model`` and build the engine; returns ``(engine, optimizer, None, lr_scheduler)`` like
     ``deepspeed.initialize``.
 
     The initial fp32 master weights come from ``weights`` (a safetensors checkpoint directory, read
     shard by shard) if given, else from the model's values on the CPU, else (a ``meta`` model) from its
     own initialiser, one unit at a time. ``config`` is an :class:`EngineConfig` or a DeepSpeed config
-    (dict or JSON path).
+    (dict or JSON path). ``seq_len`` (tokens per sequence), when given, lets a CUDA run with offload.ratio
+    unset place at init the GPU tail the planner predicts will fit.
     """
     cfg = _coerce_config(config)
-    engine = Engine(model, cfg, weights)
+    engine = Engine(model, cfg, weights, seq_len=seq_len)
     return engine, engine.optimizer, None, engine.lr_scheduler
 
 
@@ -96,9 +100,10 @@ def _is_no_decay(name: str, p: torch.Tensor, patterns: tuple[str, ...]) -> bool:
 class Engine:
     """Owns the sharded model, the state store, the pipeline and the step counters of one rank."""
 
-    def __init__(self, model: nn.Module, cfg: EngineConfig, weights: str | None = None):
+    def __init__(self, model: nn.Module, cfg: EngineConfig, weights: str | None = None, seq_len: int | None = None):
         self.config = cfg
         self.state_format = FORMATS[cfg.offload.state_format]
+        self.grad_slot = grad_slot.resolve(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype)
         self.env: DistEnv = init_dist()
         self.device = self.env.device
         self.dtype = _DTYPES[cfg.precision.dtype]
@@ -134,8 +139,10 @@ class Engine:
             shapes[n] = local_shape(p.shape, rank, world)
             units[unit_of.get(id(p), root_unit)].append(ParamSpec(n, shapes[n].numel(), self._group_of_name[n]))
         specs = plan_buckets(units, cfg.offload.bucket_params)
-        ratio = cfg.offload.ratio if cfg.offload.ratio is not None else self._auto_ratio(specs)
-        first_tail = split_tail(specs, ratio)
+        if cfg.offload.ratio is not None:
+            first_tail = split_tail(specs, cfg.offload.ratio)
+        else:
+            first_tail = self._auto_first_tail(specs, model, seq_len)
         fmt = self.state_format
         compact = fmt.name != "fp32"
         if compact and cfg.offload.kernel == "torch":
@@ -158,7 +165,8 @@ class Engine:
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
                                      pin=cfg.offload.pin_memory and torch.cuda.is_available(),
                                      snapshot=speculate and native is None, tail=spec.index >= first_tail,
-                                     double_buffer=speculate and native is not None, fmt=fmt)
+                                     double_buffer=speculate and native is not None, fmt=fmt,
+                                     grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot])
             with torch.no_grad():
                 for slot in bucket.slots:
                     write_master(slot, values.shard(slot.spec.name).reshape(slot.grad.shape))
@@ -213,23 +221,40 @@ class Engine:
             module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
         self.first_tail = first_tail
         self.blocks = blocks
+        if self.env.is_main:
+            log.info("offload: %s", grad_slot.why(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype))
         self.placement = None
         if self.device.type == "cuda":
             self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,
                                            recompute=cfg.activation_checkpointing and cfg.recompute == "auto")
 
     # ---- planning ---------------------------------------------------------------------------------
-    def _auto_ratio(self, specs: list[BucketSpec]) -> float:
-        """GPU tail: on CUDA, the buckets of the root unit (embeddings/head, whose gradients arrive last)
-        if their fp32 state fits in a tenth of the card; on CPU, none (all state in the host store)."""
+    def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
+        """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
+        CUDA with the sequence length known: the tail the planner predicts the card holds beside the weights
+        and activations (memory/plan.py init_tail_params), so the host never allocates state that the
+        placement would move to the GPU a few steps later; it grows from measurements after that. Without
+        it: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
+        in a tenth of the card. Not yet run on a GPU (session 3)."""
         if self.device.type != "cuda":
-            return 1.0
-        total = sum(s.numel for s in specs)
-        root = max(s.unit for s in specs)
-        tail = sum(s.numel for s in specs if s.unit == root)
-        budget = (torch.cuda.get_device_properties(self.device).total_memory * 0.10
-                  / FORMATS[self.state_format.tail].state_bytes)
-        return 1.0 - (tail / total if tail <= budget else 0.0)
+            return len(specs)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        tail_bytes = FORMATS[self.state_format.tail].state_bytes
+        if seq_len is not None and hasattr(model, "config"):
+            budget = self._planned_tail_params(model, seq_len, total)
+        else:
+            root = max(s.unit for s in specs)
+            root_numel = sum(s.numel for s in specs if s.unit == root)
+            budget = root_numel if root_numel <= total * AUTO_TAIL_CARD_FRACTION / tail_bytes else 0
+        return len(specs) - buckets_to_move([s.numel for s in specs], budget)
+
+    def _planned_tail_params(self, model: nn.Module, seq_len: int, gpu_total_bytes: int) -> int:
+        from heavylift.memory.model import shape_of_model
+        from heavylift.memory.plan import init_tail_params
+        from heavylift.memory.preflight import setup_for_engine
+
+        setup = setup_for_engine(self.config, seq_len, cuda=True)
+        return init_tail_params(shape_of_model(model), setup, gpu_total_bytes)
 
     def _native_kernel(self, required: bool = False):
         from heavylift.config.errors import HeavyliftError
@@ -247,7 +272,8 @@ class Engine:
         slower, same results)."""
         n = sum(s.numel for s in host_specs)
         fmt = self.state_format
-        state, back = fmt.state_bytes, fmt.back_bytes  # master + moments (+ scales) + grad slot; a second set
+        slot = grad_slot.slot_bytes(self.grad_slot)
+        state, back = fmt.host_bytes(slot), fmt.back_bytes  # master + moments (+ scales) + grad slot; a second set
         pin = self.config.offload.pin_memory and torch.cuda.is_available()
         speculate = self.config.offload.speculate
         # Every rank of this node allocates its share at once, and all ranks must decide alike: compare
@@ -260,7 +286,7 @@ class Engine:
                 log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
                             "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
         # gradient slot + master (+ the back master)
-        pinned = n * (fmt.pinned_bytes + (fmt.upload_bytes if speculate and double_buffer else 0))
+        pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0))
         check_host_memory(n * (state + back if speculate else state), pinned, pin, ranks_per_node=local,
                           available=avail)
         return speculate

@@ -2,6 +2,7 @@
 
     heavylift estimate --model PRESET|DIR [--gpus N] [--nodes K] [--seq S] [--mbs B] [--accum A]
                        [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format auto|fp32|bf16-moments|...]
+                       [--grad-slot auto|fp32|bf16]
                        [--gpu-mem-gib G] [--host-mem-gib H]
                        [--gpu-tflops F] [--cpu-params-per-s R] [--link-gbs W]
 
@@ -40,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state-format", default="auto",
                    help="host optimizer state format (offload.state_format; auto: the first that fits, of "
                         f"{', '.join(STATE_FORMATS)})")
+    p.add_argument("--grad-slot", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="offload.grad_slot: the host gradient slot's dtype (auto: bf16 with bf16 compute or a "
+                        "compact format, else fp32)")
     p.add_argument("--loss-chunk-tokens", type=int, default=8192,
                    help="engine.loss_chunk_tokens (0: the model's own fp32-logits loss)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
@@ -63,6 +67,7 @@ def run(argv: list[str]) -> int:
                   activation_checkpointing=not a.no_ac, state_format=a.state_format, speculate=not a.no_speculate,
                   loss_chunk_tokens=a.loss_chunk_tokens,
                   tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2,
+                  compute_dtype=a.dtype, grad_slot=a.grad_slot,
                   load_bytes=4 if a.model == "default" else 0)  # as heavylift train loads it
     from heavylift.memory import _check_setup
     _check_setup(setup)  # bad numbers fail before the model is read or anything is probed

@@ -49,7 +49,8 @@ def run(cfg: TrainConfig) -> dict:
         schedule = dataclasses.replace(engine_cfg.schedule, total_steps=steps)
         engine_cfg = dataclasses.replace(engine_cfg, schedule=schedule)
 
-    engine, optimizer, _, _ = heavylift.initialize(model=model, config=engine_cfg, weights=weights)
+    engine, optimizer, _, _ = heavylift.initialize(model=model, config=engine_cfg, weights=weights,
+                                                   seq_len=cfg.seq_len)
     out_dir = pathlib.Path(cfg.out_dir)
     log = MetricsLog(out_dir, enabled=rank == 0, echo=tqdm.write)
     eval_fn = (lambda: evaluate(engine, eval_loader.one_pass())) if eval_loader else None

@@ -84,6 +84,11 @@ class OffloadConfig:
     # block-quantized to 8 bits, one fp32 scale per 256 (~10). "bf16-master": bf16 master with a bf16
     # Kahan compensation and bf16 moments (12; uploads 2 instead of 4 bytes/param, no cast).
     state_format: StateFormatName = "fp32"
+    # dtype of the pinned host slot each host bucket's gradient waits in until the step is validated.
+    # "auto": bf16 with bf16 compute (FSDP2 hands over bf16 gradients: nothing is lost) and with the
+    # compact formats; fp32 otherwise. "bf16" with fp32/fp16 compute rounds the gradient to bf16
+    # (docs/state-formats.md). Saves 2 host bytes/param and halves the gradient's link traffic.
+    grad_slot: Literal["auto", "fp32", "bf16"] = "auto"
     # Target bucket size in parameters (buckets never split a parameter and never span two FSDP units).
     bucket_params: int = 200_000_000
 
@@ -149,6 +154,7 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")
     _check(f.state_format in STATE_FORMATS, "offload.state_format", f.state_format,
            f"{', '.join(STATE_FORMATS[:-1])} or {STATE_FORMATS[-1]}")
+    _check(f.grad_slot in ("auto", "fp32", "bf16"), "offload.grad_slot", f.grad_slot, "auto, fp32 or bf16")
     _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
     _check(cfg.recompute in ("auto", "all"), "recompute", cfg.recompute, "auto or all")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")

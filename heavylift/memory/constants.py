@@ -64,8 +64,12 @@ def _planner_view(name: str) -> StateFormat:
     return StateFormat(master=master, moments=moments, compensation=comp, grad=GRAD_BYTES, exact=f.exact)
 
 
-# In order of preference (most exact first): the planner picks the first that fits.
+# In order of preference (most exact first): the planner picks the first that fits. The last is planned, not
+# built: a bf16 master without compensation (stochastic rounding keeps it unbiased) and int8 moments, the
+# smallest layout that keeps AdamW's state on the host (docs/log.md, session 3: 70B on one 4-GPU box).
 STATE_FORMATS = {name: _planner_view(name) for name in ("fp32", "bf16-moments", "bf16-master", "int8-moments")}
+STATE_FORMATS["bf16-master-int8"] = StateFormat(master=2.0, moments=STATE_FORMATS["int8-moments"].moments,
+                                                grad=GRAD_BYTES, built=False)
 
 FP32_ADAMW_TRAFFIC = STATE_FORMATS["fp32"].cpu_traffic  # 28 B/param: what the probed CPU rate moves
 
@@ -93,4 +97,4 @@ DEFAULT_LINK_GBS = 50.0
 DEFAULT_GPU_TFLOPS = 746.0  # H100 bf16 matmul 8192^3 measured (hardware.md), when no GPU can be probed
 
 
-AUTO_TAIL_CARD_FRACTION = 0.10  # engine._auto_ratio
+AUTO_TAIL_CARD_FRACTION = 0.10  # engine._auto_first_tail without a sequence length

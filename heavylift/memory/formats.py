@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 from heavylift.memory.constants import STATE_FORMATS, GiB
 from heavylift.memory.model import ModelShape
-from heavylift.memory.plan import Machine, Plan, Setup, plan
+from heavylift.memory.plan import Machine, Plan, Setup, host_format, plan
 
 
 @dataclass(frozen=True)
 class FormatOption:
     name: str
     bytes_per_param: float  # host state incl. the gradient slot
+    grad_bytes: float  # the gradient slot's share of it (2: bf16, 4: fp32)
     host_node: int  # peak host bytes per node with this format
     grad_node: int  # of which the gradient slots
     verdict: str  # the host (and pinned) verdict: fits | tight | no | unknown
@@ -33,10 +34,12 @@ def host_verdict(p: Plan) -> str:
 
 def format_options(shape: ModelShape, setup: Setup, machine: Machine) -> list[FormatOption]:
     out = []
-    for name, fmt in STATE_FORMATS.items():
-        p = plan(shape, dataclasses.replace(setup, state_format=name), machine)
+    for name in STATE_FORMATS:
+        q = dataclasses.replace(setup, state_format=name)
+        p, fmt = plan(shape, q, machine), host_format(q)
         grad = int(fmt.grad * p.host_params * setup.gpus_per_node)
-        out.append(FormatOption(name, fmt.host, p.host_peak_node, grad, host_verdict(p), fmt.built, fmt.exact))
+        out.append(FormatOption(name, fmt.host, fmt.grad, p.host_peak_node, grad, host_verdict(p), fmt.built,
+                                fmt.exact))
     return out
 
 
@@ -51,7 +54,9 @@ def choose(options: list[FormatOption], machine: Machine, setup: Setup) -> tuple
     ordered = [o for o in options if o.built] + [o for o in options if not o.built]
     for pool in ([o for o in ordered if o.built], [o for o in ordered if not o.built]):
         for wanted in ("fits", "tight"):
-            pick = next((o for o in pool if o.verdict == wanted), None)
+            # "tight" is within the estimate's uncertainty either way; one whose estimate exceeds the RAM
+            # is not offered as fitting
+            pick = next((o for o in pool if o.verdict == wanted and o.host_node <= have), None)
             if pick is not None:
                 before = "; ".join(f"{o.name} needs {o.host_node / GiB:.0f} GiB per node ({o.verdict})"
                                    for o in ordered[: ordered.index(pick)])
@@ -62,17 +67,19 @@ def choose(options: list[FormatOption], machine: Machine, setup: Setup) -> tuple
                 return pick.name, f"{before}; {text}" if before else text
     least = min(options, key=lambda o: o.host_node)
     return least.name, (f"no state format fits on {where}: the smallest, {least.name} ({least.bytes_per_param:.2f} "
-                        f"B/param), needs {least.host_node / GiB:.0f} GiB per node, of which "
-                        f"{least.grad_node / GiB:.0f} GiB are the {STATE_FORMATS[least.name].grad:g} B/param "
+                        f"B/param), needs {least.host_node / GiB:.0f} GiB per node "
+                        f"({(least.host_node - have) / GiB:.0f} GiB over), of which "
+                        f"{least.grad_node / GiB:.0f} GiB are the {least.grad_bytes:g} B/param "
                         "gradient slots every host bucket keeps until the step is validated; see 'to fit'")
 
 
 def render_options(options: list[FormatOption], chosen: str, why: str) -> list[str]:
-    lines = ["state formats (host bytes/param: master + moments + gradient slot; per node: all its ranks' peak)"]
+    lines = ["state formats (host bytes/param: master + moments + gradient slot (its bytes: 4 fp32, 2 bf16); "
+             "per node: all its ranks' peak)"]
     for o in options:
         flags = ", ".join(x for x in ("exact" if o.exact else "", "" if o.built else "not built yet") if x)
         mark = "->" if o.name == chosen else "  "
-        lines.append(f"{mark} {o.name:14s}{o.bytes_per_param:6.2f} B/param {o.host_node / GiB:9.1f} GiB/node  "
-                     f"host {o.verdict:8s}{flags}")
+        lines.append(f"{mark} {o.name:14s}{o.bytes_per_param:6.2f} B/param (slot {o.grad_bytes:g}) "
+                     f"{o.host_node / GiB:9.1f} GiB/node  host {o.verdict:8s}{flags}")
     lines.append(f"  {why}")
     return lines

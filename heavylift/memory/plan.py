@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import (
-    AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
+    CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
     FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS,
 )
+from heavylift.memory.constants import StateFormat as HostFormat
 from heavylift.memory.model import ModelShape, model_shape
-from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION
+from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move
+from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS, StateFormat
 
 
@@ -33,6 +35,8 @@ class Setup:
     tail_ratio: float | None = None
     bucket_params: int = 200_000_000
     dtype_bytes: int = 2  # compute dtype of the GPU weights: 2 for bf16/fp16, 4 for fp32
+    compute_dtype: str = "bf16"  # precision.dtype: with bf16 the gradients FSDP2 hands over are bf16
+    grad_slot: str = "auto"  # offload.grad_slot (optim/grad_slot.py resolves "auto")
     pin: bool = True  # pinned transfer buffers (the engine pins when CUDA exists and offload.pin_memory)
     # Bytes/param of the whole model each rank holds on the CPU while the engine is built; 0: none, the
     # model is on the meta device and the engine draws or streams one unit at a time (heavylift train).
@@ -132,15 +136,26 @@ def _buckets(shape: ModelShape, setup: Setup):
 
 
 def _tail_ratio(shape: ModelShape, setup: Setup, machine: Machine) -> float:
-    """offload.ratio as the engine would pick it."""
+    """offload.ratio as the engine would pick it: on a card of known size, the tail placed at init."""
     if setup.tail_ratio is not None:
         return 1.0 - setup.tail_ratio
     if machine.gpu_total_bytes is None:
         return 1.0
-    root = shape.root_params / setup.world
-    tail_bytes = _tail_format(setup).state_bytes
-    return 1.0 - (root / (shape.params / setup.world)
-                  if root * tail_bytes <= machine.gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0.0)
+    buckets = _buckets(shape, setup)
+    n = buckets_to_move([b.numel for b in buckets], init_tail_params(shape, setup, machine.gpu_total_bytes))
+    return 1.0 - sum(b.numel for b in buckets[len(buckets) - n:]) / max(sum(b.numel for b in buckets), 1)
+
+
+def init_tail_params(shape: ModelShape, setup: Setup, gpu_total_bytes: int) -> int:
+    """Parameters (per rank) whose optimizer state the engine places on the GPU at init, when offload.ratio
+    is unset: what the card holds beyond this planner's peak with no tail (raised by its uncertainty) and
+    the placement's margin, in the tail format's bytes. The placement grows the tail further from measured
+    peaks after the first steps; placing this much at once means the host never allocates state that would
+    move to the GPU a few steps later."""
+    base = plan(shape, dataclasses.replace(setup, tail_ratio=0.0), Machine())
+    spare = gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES - CUDA_CONTEXT_BYTES \
+        - base.gpu_peak * (1.0 + GPU_UNCERTAINTY)
+    return max(int(spare // _tail_format(setup).state_bytes), 0)
 
 
 def _placement_settles(peak: int, setup: Setup, machine: Machine, shape: ModelShape, host_params: int) -> int:
@@ -167,6 +182,19 @@ def kept_block_bytes_per_token(shape: ModelShape) -> int:
 
 def _format(setup: Setup) -> StateFormat:
     return FORMATS[setup.state_format]
+
+
+def slot_of(setup: Setup) -> str:
+    """The gradient slot ("fp32" or "bf16") the engine gives this setup's host buckets."""
+    return grad_slot.resolve(setup.grad_slot, setup.state_format, setup.compute_dtype)
+
+
+def host_format(setup: Setup, name: str | None = None) -> HostFormat:
+    """The planner's bytes/param of format ``name`` (default: the setup's) with the gradient slot the
+    engine would give it (offload.grad_slot resolved as the engine resolves it)."""
+    name = name or setup.state_format
+    slot = grad_slot.resolve(setup.grad_slot, name, setup.compute_dtype)
+    return dataclasses.replace(STATE_FORMATS[name], grad=float(grad_slot.slot_bytes(slot)))
 
 
 def _tail_format(setup: Setup) -> StateFormat:
@@ -241,7 +269,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     gpu_items = loss_phase if peak_phase == "loss" else block_phase
 
     # ---- host ----
-    fmt = STATE_FORMATS[setup.state_format]
+    fmt = host_format(setup)
     pinned = int(fmt.pinned * host_params)  # exact: the store page-locks its own buffers (offload/pinned.py)
     pageable = int(fmt.pageable * host_params)
     # The whole model as loaded, or (meta) the largest unit drawn in fp32 / the largest tensor shard read.
@@ -288,7 +316,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
 def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: Rates) -> dict[str, float]:
     k = 8 if setup.activation_checkpointing else 6
     t_gpu = k * shape.params * setup.tokens_per_step / (setup.world * rates.gpu_tflops * 1e12)
-    fmt = STATE_FORMATS[setup.state_format]
+    fmt = host_format(setup)
     # The probed rate is the fp32 kernel's; the host is memory-bound (hardware.md), so a format's time
     # scales with its bytes of traffic.
     t_cpu = host_params_rank * setup.gpus_per_node * fmt.cpu_traffic / (FP32_ADAMW_TRAFFIC * rates.cpu_params_per_s)
@@ -355,7 +383,7 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
                 out.append(f"{g} GPUs in all (weights shard across ranks; activations do not)")
                 break
     if p.verdicts.get("host") == "no":
-        fmt = STATE_FORMATS[setup.state_format]
+        fmt = host_format(setup)
         if setup.speculate and p.speculate:
             out.append(f"engine.offload.speculate false (saves {fmt.second_set:g} B/param of host RAM)")
         for r in (0.25, 0.5, 0.75):
@@ -370,7 +398,8 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
         if load > 0.25 * p.host_peak_node:
             out.append(f"the model is loaded in full on every rank before sharding ({load / GiB:.0f} GiB per node): "
                        "give a preset or a safetensors directory (heavylift train streams each rank's shards)")
-        for name, other in STATE_FORMATS.items():
+        for name in STATE_FORMATS:
+            other = host_format(setup, name)
             if other.host < fmt.host and ok("host", state_format=name):
                 out.append(f"engine.offload.state_format {name} ({other.host:.2f} B/param of host state instead of "
                            f"{fmt.host:.2f})" if other.built else
@@ -394,11 +423,17 @@ def _check_setup(s: Setup) -> None:
                              f"not {s.tail_ratio}")
 
 
-def format_line(name: str) -> str:
-    """Bytes per parameter of a state format, as ``estimate`` and the startup plan print them."""
+def format_line(name: str, slot: str = "fp32") -> str:
+    """Bytes per parameter of a state format with a ``slot`` gradient slot, as ``estimate`` and the startup
+    plan print them."""
+    g = grad_slot.slot_bytes(slot)
+    if name not in FORMATS:  # planned, not built
+        f = dataclasses.replace(STATE_FORMATS[name], grad=float(g))
+        return (f"  state format {name}: {f.host:.2f} B/param on the host with the {slot} gradient slot "
+                f"({f.pinned:g} pinned), {f.second_set:.2f} more while speculating; not built yet")
     f = FORMATS[name]
-    return (f"  state format {name}: {f.state_bytes:.2f} B/param on the host with the gradient slot "
-            f"({f.pinned_bytes:g} pinned), {f.back_bytes:.2f} more while speculating; GPU tail "
+    return (f"  state format {name}: {f.host_bytes(g):.2f} B/param on the host with the {slot} gradient slot "
+            f"({f.host_pinned_bytes(g):g} pinned), {f.back_bytes:.2f} more while speculating; GPU tail "
             f"{FORMATS[f.tail].state_bytes:.2f} B/param; uploads {f.upload_bytes:g} B/param; "
             f"{'exact AdamW' if f.exact else 'not exact AdamW (docs/state-formats.md)'}")
 

@@ -6,22 +6,27 @@ import os
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.machine import this_machine
-from heavylift.memory.plan import Machine, Plan, Setup, estimate, format_line
+from heavylift.memory.plan import Machine, Plan, Setup, estimate, format_line, slot_of
 
 
 def setup_for_train(cfg, cuda: bool) -> Setup:
     """The :class:`Setup` a :class:`~heavylift.config.train.TrainConfig` runs, on this launch's ranks."""
-    e = cfg.engine
+    return setup_for_engine(cfg.engine, cfg.seq_len, cuda, load_bytes=4 if cfg.model == "default" else 0)
+
+
+def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
+    """The :class:`Setup` an :class:`~heavylift.config.schema.EngineConfig` runs at ``seq_len``, on this launch's
+    ranks; ``load_bytes`` 0: the model is on the meta device, drawn or streamed per rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     local = max(min(local, world), 1)
-    return Setup(gpus_per_node=local, nodes=max(world // local, 1), seq=cfg.seq_len, mbs=e.batch.micro_batch_size,
+    return Setup(gpus_per_node=local, nodes=max(world // local, 1), seq=seq_len, mbs=e.batch.micro_batch_size,
                  accum=e.batch.grad_accum, activation_checkpointing=e.activation_checkpointing,
                  speculate=e.offload.speculate, tail_ratio=None if e.offload.ratio is None else 1.0 - e.offload.ratio,
                  bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
+                 compute_dtype=e.precision.dtype, grad_slot=e.offload.grad_slot,
                  pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
-                 load_bytes=4 if cfg.model == "default" else 0,  # else on meta, drawn or streamed per rank
-                 state_format=e.offload.state_format)
+                 load_bytes=load_bytes, state_format=e.offload.state_format)
 
 
 def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
@@ -44,5 +49,5 @@ def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
              f"{'; '.join(p.reasons)}")
     for n in p.notes:
         warn(f"heavylift: note: {n}")
-    warn(f"heavylift: {format_line(setup.state_format).strip()}")
+    warn(f"heavylift: {format_line(setup.state_format, slot_of(setup)).strip()}")
     return p

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from heavylift.memory.constants import FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS, GiB
-from heavylift.memory.plan import Machine, Plan, Rates, format_line
+from heavylift.memory.plan import Machine, Plan, Rates, format_line, host_format, slot_of
 
 
 def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
@@ -15,7 +15,7 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
              f"grad accum {s.accum} = {s.tokens_per_step:,} tokens/step; activation checkpointing "
              f"{'on' if s.activation_checkpointing else 'off'}; state {s.state_format}; "
              f"GPU tail {p.tail_params / max(p.tail_params + p.host_params, 1):.0%} of params",
-             format_line(s.state_format),
+             format_line(s.state_format, slot_of(s)),
              "", f"{'tier / item (per rank)':52s}{'bytes':>13s}"]
     phase = max(p.gpu_phases, key=p.gpu_phases.get)
     lines.append(f"GPU  (peak in the {phase} phase)")
@@ -48,7 +48,7 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
         from heavylift.memory.formats import render_options
         lines += ["", *render_options(p.formats, *p.format_choice)]
     if rates is not None and p.times:
-        t, fmt = p.times, STATE_FORMATS[s.state_format]
+        t, fmt = p.times, host_format(s)
         lines += ["", "step-time floor (per optimizer step)",
                   f"  GPU  8PT/(NF) at {rates.gpu_tflops:.0f} TFLOP/s ({rates.sources[0]}){'':5s}{t['gpu']:8.3f} s"
                   if s.activation_checkpointing else

@@ -157,11 +157,15 @@ class OffloadPipeline:
             return
         if self._cuda:
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
-            self._link_down += sum(g.numel() * g.element_size() for g in pend.grads)
             with torch.cuda.stream(self._d2h):
-                pend.sumsq = sum_of_squares(pend.grads)
-                for s, g in zip(pend.active, pend.grads):
+                pend.sumsq = sum_of_squares(pend.grads)  # from the device gradients, before any cast
+                # A slot of another dtype (bf16 slot, fp32 compute): cast on the GPU so only the slot's
+                # bytes cross the link; the cast copies stay referenced with the grads until the copy ends.
+                sent = [g if g.dtype == s.grad.dtype else g.to(s.grad.dtype) for s, g in zip(pend.active, pend.grads)]
+                for s, g in zip(pend.active, sent):
                     s.grad.copy_(g, non_blocking=True)
+                pend.grads = pend.grads + [g for g, orig in zip(sent, pend.grads) if g is not orig]
+                self._link_down += sum(g.numel() * g.element_size() for g in sent)
                 host_sumsq = pend.sumsq.to("cpu", non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self._d2h)
@@ -329,8 +333,10 @@ class OffloadPipeline:
                 self._wait_upload(b)
                 restore_snapshot(pend.active)
                 if not found_inf:
-                    # the restored moments see the clipped gradient; the unscale happened in place
-                    self._step_slots(self.buckets[b], pend.active, 1.0, coef)
+                    # the restored moments see the clipped gradient; an fp32 slot was unscaled in place
+                    # (as clip_grad_norm_ would), a bf16 slot is never written
+                    unscaled = pend.active[0].grad.dtype == torch.float32
+                    self._step_slots(self.buckets[b], pend.active, 1.0 if unscaled else self.inv_scale, coef)
                 self._upload(b)
         elif not found_inf:
             self._step_after_norm(b, pend, coef)
@@ -396,6 +402,9 @@ class OffloadPipeline:
             for s in slots:
                 s.step += 1
             return
+        if slots and slots[0].grad.dtype != torch.float32:
+            self._torch_step_widened(slots, inv_scale, coef)
+            return
         grads = [s.grad for s in slots]
         if inv_scale != 1.0:
             torch._foreach_mul_(grads, inv_scale)
@@ -407,6 +416,19 @@ class OffloadPipeline:
         for g, ss in by_group.items():
             adamw_step_([s.master for s in ss], [s.grad for s in ss], [s.exp_avg for s in ss],
                         [s.exp_avg_sq for s in ss], [s.step for s in ss], self._step_hypers[g])
+
+    def _torch_step_widened(self, slots: list[Slot], inv_scale: float, coef: float) -> None:
+        """torch's fused kernel wants an fp32 gradient: a bf16 slot is widened one parameter at a time
+        (never a bucket-sized temporary) and scaled there, the same multiplies in the same order as the
+        fp32 slot's in-place ones; the slot itself is left as it was (a clip redo reads it again)."""
+        for s in slots:
+            g = s.grad.to(torch.float32)
+            if inv_scale != 1.0:
+                g.mul_(inv_scale)
+            if coef != 1.0:
+                g.mul_(coef)
+            adamw_step_([s.master], [g], [s.exp_avg], [s.exp_avg_sq], [s.step],
+                        self._step_hypers[self._group_of_slot(s)])
 
     def _upload(self, b: int, back: bool = False) -> None:
         slots = self.buckets[b].slots

@@ -83,12 +83,15 @@ def allocate_bucket(
     tail: bool = False,
     double_buffer: bool = False,
     fmt: StateFormat = FORMATS["fp32"],
+    grad_dtype: torch.dtype = torch.float32,
 ) -> BucketState:
     """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard; per-block
     scales ``rows x blocks``).
 
     A tail bucket lives on ``state_device`` (the compute device; the CPU in CPU-only runs and tests)
-    in ``fmt``'s tail format; a host bucket on the CPU, its transfer buffers pinned when ``pin``."""
+    in ``fmt``'s tail format; a host bucket on the CPU, its transfer buffers pinned when ``pin``, its
+    gradient slot in ``grad_dtype`` (offload.grad_slot; a tail's slot is fp32: torch's fused kernel
+    steps it and wants the master's dtype)."""
     on_host = not tail
     if on_host:
         state_device = torch.device("cpu")
@@ -106,7 +109,7 @@ def allocate_bucket(
     prefixes = [""] + ["snap_"] * (snapshot and on_host) + ["back_"] * (double_buffer and on_host)
     flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and b.link and prefix != "snap_")
              for prefix in prefixes for b in fmt.buffers}
-    flats["grad"] = buf(False, torch.float32, pin)
+    flats["grad"] = buf(False, grad_dtype if on_host else torch.float32, pin)
     bucket = BucketState(spec, state_device, fmt, tail=tail, flats=flats)
     per_block = {b.kind: b.per_block for b in fmt.buffers}
     off = {False: 0, True: 0}

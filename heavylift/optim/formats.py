@@ -1,7 +1,8 @@
 """Optimizer state formats (``offload.state_format``): which buffers hold a parameter's state, their
 dtypes and bytes, and which kernel steps them. docs/state-formats.md has the measured error of each.
 
-A format is a list of state buffers (the gradient slot, fp32 and pinned, comes on top of every one).
+A format is a list of state buffers (the gradient slot, pinned, comes on top of every one: fp32 or bf16
+on the host, optim/grad_slot.py; fp32 on the GPU tail).
 Per-element buffers are shaped like the parameter's shard; per-block ones (quantization scales) are
 ``rows x ceil(row_len / BLOCK)`` (optim/quant.py). The order of ``buffers`` is the order of the native
 kernel's arguments. Host buckets use the format; GPU-tail buckets use its ``tail`` format.
@@ -17,7 +18,7 @@ from torch import Tensor
 from heavylift.optim.adamw import AdamWHyper
 from heavylift.optim.quant import BLOCK, dequantize_m, dequantize_r
 
-GRAD_BYTES = 4  # the fp32 gradient slot, pinned on the host
+GRAD_BYTES = 4  # the fp32 gradient slot (the GPU tail's always; the host's unless offload.grad_slot is bf16)
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,17 @@ class StateFormat:
 
     @property
     def state_bytes(self) -> float:
-        """Host bytes/param: the buffers plus the gradient slot (full rows of BLOCK; ragged rows add
-        8 bytes per extra block)."""
+        """Bytes/param with an fp32 gradient slot (a GPU tail's): the buffers plus the slot (full rows of
+        BLOCK; ragged rows add 8 bytes per extra block)."""
         return self._bytes() + GRAD_BYTES
+
+    def host_bytes(self, grad_bytes: float) -> float:
+        """Host bytes/param: the buffers plus a gradient slot of ``grad_bytes`` (offload.grad_slot)."""
+        return self._bytes() + grad_bytes
+
+    def host_pinned_bytes(self, grad_bytes: float) -> float:
+        """Pinned bytes/param of one host buffer set: the master and a ``grad_bytes`` gradient slot."""
+        return self._bytes(link=True) + grad_bytes
 
     @property
     def back_bytes(self) -> float:

@@ -43,6 +43,8 @@ class Case:
     state_format: str = "fp32"
     bucket_params: int = 200_000_000
     grow_tail_at: int = -1  # before this optimizer step, move 2 host buckets to the tail
+    dtype: str = "fp32"  # precision.dtype (the reference always computes in fp32)
+    grad_slot: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -60,7 +62,8 @@ def tiny_model(seed: int = 0, unused: bool = False) -> nn.Module:
 
 def engine_config(case: Case) -> EngineConfig:
     ec = EngineConfig()
-    ec.precision.dtype = "fp32"
+    ec.precision.dtype = case.dtype
+    ec.offload.grad_slot = case.grad_slot
     ec.optim.lr = case.lr
     ec.optim.max_grad_norm = case.max_norm
     ec.optim.weight_decay = case.weight_decay
@@ -174,6 +177,29 @@ def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False)
         out["final_state"] = snapshot_state(engine)
     out["rel_update_error"] = (out.get("update_err_sq", 0.0) / max(out.get("update_sq", 0.0), 1e-300)) ** 0.5
     out["lr_equal"] = [g["lr"] for g in engine.optimizer.param_groups] == [g["lr"] for g in ropt.param_groups]
+    engine.close()
+    return out
+
+
+def train_state(case: Case) -> dict:
+    """Train ``case`` with no reference beside it: every state tensor this rank owns afterwards, the norms,
+    the pipeline's counts and the gradient slot's dtype (rank r trains on batch r, as run_case)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model = tiny_model()
+    flag = {"on": False}
+    model.model.layers[0].mlp.register_forward_hook(_nan_hook(flag))
+    engine = heavylift.initialize(model=model, config=engine_config(case))[0]
+    norms = []
+    for step in range(case.steps):
+        flag["on"] = step == case.nan_step
+        for micro in range(case.grad_accum):
+            ids = batches(step, micro, world)[rank]
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        norms.append(engine.last_step.grad_norm)
+    out = {"state": snapshot_state(engine), "norms": norms, "stats": dict(engine.pipeline.stats),
+           "slot": engine.buckets[0].flats["grad"].dtype, "resolved": engine.grad_slot}
     engine.close()
     return out
 

@@ -19,7 +19,7 @@ KEYS = [
     "engine.precision.loss_scale_window", "engine.precision.hysteresis", "engine.precision.min_loss_scale",
     "engine.offload.device", "engine.offload.pin_memory", "engine.offload.ratio", "engine.offload.cpu_threads",
     "engine.offload.speculate", "engine.offload.bucket_params", "engine.offload.kernel",
-    "engine.offload.state_format",
+    "engine.offload.state_format", "engine.offload.grad_slot",
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
     "engine.activation_checkpointing", "engine.recompute", "engine.compile", "engine.loss_chunk_tokens", "engine.seed",
 ]
@@ -65,7 +65,7 @@ def test_cli_subcommands_are_frozen(capsys):
 
 
 ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac",
-                  "--no-speculate", "--no-pin", "--state-format", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
+                  "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
                   "--host-mem-gib", "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
 BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--peers-dir",
                "--peers", "--peer-timeout", "--out"]

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace heavylift {
 
@@ -35,6 +36,27 @@ inline const uint16_t* bf16_in(const at::Tensor& t) {
 inline uint16_t* bf16_out(const at::Tensor& t) {
   return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
 }
+
+// The gradient slot holds fp32 or bf16 (offload.grad_slot). The kernels are templates on its element type
+// and widen a bf16 gradient on load (exact): no fp32 copy of the slot is ever made.
+inline float grad_at(const float* g, int64_t d) { return g[d]; }
+inline float grad_at(const uint16_t* g, int64_t d) { return bf16_load(g[d]); }
+
+// Calls `body` with the gradient's data as `const float*` or `const uint16_t*` (bf16), after checking it.
+template <typename Body>
+void with_grad(const at::Tensor& grad, int64_t n, Body&& body) {
+  if (grad.scalar_type() == at::kBFloat16) {
+    check(grad, n, "grad", at::kBFloat16);
+    body(bf16_in(grad));
+  } else {
+    check(grad, n, "grad");
+    body(static_cast<const float*>(grad.data_ptr<float>()));
+  }
+}
+
+// The element type behind a `with_grad` pointer.
+template <typename P>
+using grad_t = std::remove_const_t<std::remove_pointer_t<P>>;
 
 // The scalars of one AdamW step, torch.optim.AdamW's arithmetic: factors computed in double, applied in
 // fp32. `gmul` and `decay` are 1 when the gradient is not scaled or there is no weight decay.
