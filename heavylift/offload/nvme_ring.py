@@ -165,7 +165,32 @@ class NvmeRing:
             s.upload.synchronize()
         s.write = s.upload = None
 
-    # ---- between steps: one bucket resident at a time -----------------------------------------------
+    # ---- between steps: one tensor, or one bucket resident at a time --------------------------------
+    def _span(self, b: int, i: int, kind: str) -> tuple[int, torch.Size]:
+        """File offset and shape of slot ``i``'s ``kind`` tensor in bucket ``b``'s region (pure)."""
+        k = self.kinds.index(kind)
+        start = self.file.layout[self.region[b]][k][0]
+        flat = {c: torch.empty(self._sizes[b][self._per_block[c]], dtype=self._dtype[c], device="meta")
+                for c in self.kinds}
+        view = carve(self.buckets[b].fmt, self._shapes[b], flat)[i][kind]
+        return start + view.storage_offset() * view.element_size(), view.shape
+
+    def read_tensor(self, b: int, i: int, kind: str) -> Tensor:
+        """A fresh copy of one state tensor, read from the file alone (checkpoint saves: the bytes DCP asks
+        for and no more)."""
+        with self._lock:
+            self.let_go()
+            offset, shape = self._span(b, i, kind)
+            t = torch.empty(shape, dtype=self._dtype[kind])
+            self.file.read_at(offset, t.view(-1)).result()
+            return t
+
+    def write_tensor(self, b: int, i: int, kind: str, t: Tensor) -> None:
+        """Write one state tensor (from ``read_tensor``, since changed) back to its place in the file."""
+        with self._lock:
+            offset, _ = self._span(b, i, kind)
+            self.file.write_at(offset, t.contiguous().view(-1)).result()
+
     def hold(self, b: int, dirty: bool = False, fresh: bool = False) -> None:
         """Make ``b`` resident (its slots bound), first letting go of the bucket held before. ``dirty``: it
         will be changed, so it is written back when let go; ``fresh``: zeros instead of the file's bytes

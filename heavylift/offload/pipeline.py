@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from heavylift.config.errors import HeavyliftError
 from heavylift.dist.cores import current_plan, pin_current_thread
 from heavylift.dist.guard import guarded
 from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
@@ -307,7 +308,7 @@ class OffloadPipeline:
                 else:
                     self._finish(b, *args)
             except BaseException as exc:  # surfaced on the autograd thread at its next wait
-                self._error = exc
+                self._error = self._error or exc  # the first is the cause; later tasks fail in its wake
                 for ev in self._final:
                     ev.set()
                 for p in self._pending:
@@ -466,6 +467,8 @@ class OffloadPipeline:
             ev.synchronize()
 
     def _raise_worker_error(self) -> None:
+        if isinstance(self._error, HeavyliftError):  # a user-facing cause (the NVMe drive): its own line
+            raise self._error
         if self._error is not None:
             raise RuntimeError("heavylift CPU optimizer worker failed") from self._error
 
