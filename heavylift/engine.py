@@ -23,8 +23,9 @@ from heavylift.dist.env import DistEnv, init_dist
 from heavylift.dist.guard import guarded
 from heavylift.models.loss import chunked_causal_lm_loss
 from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
+from heavylift.offload.nvme_ring import NvmeRing
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
-from heavylift.offload.preflight import check_host_memory, mem_available_bytes
+from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
 from heavylift.memory.constants import AUTO_TAIL_CARD_FRACTION
 from heavylift.offload.placement import AutoPlacement
 from heavylift.offload.tail import buckets_to_move
@@ -149,10 +150,13 @@ class Engine:
             raise ConfigError("offload.kernel", "torch", f"auto or native (state_format "
                               f"{cfg.offload.state_format!r} is stepped by heavylift's native kernel)")
         native = self._native_kernel(required=compact) if cfg.offload.kernel != "torch" else None
-        speculate = self._preflight(specs[:first_tail], double_buffer=native is not None)
+        first_ram = self._nvme_split(specs[:first_tail])
+        speculate = self._preflight(specs[first_ram:first_tail], double_buffer=native is not None,
+                                    nvme_specs=specs[:first_ram])
 
         # Host state first, from the caller's values (or drawn unit by unit for a meta model); then
-        # cast and shard the model.
+        # cast and shard the model. NVMe buckets come first in arrival order: their file (and its path
+        # checks) exists before any RAM state is allocated.
         meta = is_meta(model)
         if weights is not None:
             values = SafetensorsValues(weights, rank, world)
@@ -161,16 +165,23 @@ class Engine:
         else:
             values = MaterializedValues(model, rank, world)
         self.buckets: list[BucketState] = []
+        self.ring: NvmeRing | None = None
         for spec in specs:
+            nvme = spec.index < first_ram
             bucket = allocate_bucket(spec, [shapes[p.name] for p in spec.params], self.device,
                                      pin=cfg.offload.pin_memory and torch.cuda.is_available(),
-                                     snapshot=speculate and native is None, tail=spec.index >= first_tail,
-                                     double_buffer=speculate and native is not None, fmt=fmt,
-                                     grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot])
+                                     snapshot=speculate and native is None and not nvme,
+                                     tail=spec.index >= first_tail,
+                                     double_buffer=speculate and native is not None and not nvme, fmt=fmt,
+                                     grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot], nvme=nvme)
+            self.buckets.append(bucket)
+            if nvme and spec.index == first_ram - 1:
+                self.ring = NvmeRing(self.buckets, cfg.offload.nvme_path, rank, cfg.offload.nvme_buffers,
+                                     pin=cfg.offload.pin_memory)
+        for bucket in self.resident_buckets(write=True, fresh=True):
             with torch.no_grad():
                 for slot in bucket.slots:
                     write_master(slot, values.shard(slot.spec.name).reshape(slot.grad.shape))
-            self.buckets.append(bucket)
         values.close()
         model.to(dtype=self.dtype)
         apply_fsdp(model, blocks, self.env.mesh, reduce_dtype=torch.float32)
@@ -184,12 +195,12 @@ class Engine:
         sharded = dict(model.named_parameters())
         slot_of: dict[int, Slot] = {}
         params_of: dict[int, tuple[int, int]] = {}
-        for b, bucket in enumerate(self.buckets):
+        for b, bucket in enumerate(self.resident_buckets()):
             for i, slot in enumerate(bucket.slots):
                 p = sharded[slot.spec.name]
-                if local_of(p).shape != slot.master.shape:
+                if local_of(p).shape != slot.grad.shape:
                     raise AssertionError(f"shard layout mismatch for {slot.spec.name}: FSDP2 "
-                                         f"{tuple(local_of(p).shape)} vs planned {tuple(slot.master.shape)}")
+                                         f"{tuple(local_of(p).shape)} vs planned {tuple(slot.grad.shape)}")
                 slot.device_param = p
                 # the forward must see the master: a bf16 master is the fp32 values rounded (and stays so)
                 if meta or weights is not None or fmt.master_dtype != torch.float32:
@@ -207,6 +218,7 @@ class Engine:
         self.pipeline = OffloadPipeline(
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
+            ring=self.ring,
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
@@ -220,9 +232,11 @@ class Engine:
             idx = unit_buckets.get(u, [])
             module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
         self.first_tail = first_tail
+        self.first_ram = first_ram
         self.blocks = blocks
         if self.env.is_main:
             log.info("offload: %s", grad_slot.why(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype))
+            log.info("optimizer state: %s", self.describe_placement())
         self.placement = None
         if self.device.type == "cuda":
             self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,
@@ -266,13 +280,53 @@ class Engine:
                                  "compiler and ninja, or set offload.kernel: torch")
         return module
 
-    def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False) -> bool:
+    def _nvme_split(self, host_specs: list[BucketSpec]) -> int:
+        """How many of the earliest-arriving host buckets keep their state on NVMe (offload.device nvme):
+        ``offload.nvme_ratio`` of the host parameters, or as few as leave the rest fitting in RAM. Every rank
+        decides from the smallest MemAvailable any rank sees, so all ranks split alike."""
+        o = self.config.offload
+        if o.device != "nvme" or not host_specs:
+            return 0
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        avail = None if o.nvme_ratio is not None else self._min_over_ranks(mem_available_bytes())
+        return nvme_split([s.numel for s in host_specs], self.state_format, o.nvme_ratio, avail, local,
+                          o.nvme_buffers)
+
+    def describe_placement(self) -> str:
+        """The startup plan's line: where each bucket's optimizer state lives."""
+        def params(bs) -> str:
+            return f"{sum(b.spec.numel for b in bs) / 1e6:.1f} M params"
+
+        ram, tail = self.buckets[self.first_ram:self.first_tail], self.buckets[self.first_tail:]
+        out = f"{len(tail)} bucket(s) on the GPU ({params(tail)}), {len(ram)} in RAM ({params(ram)})"
+        if self.ring is not None:
+            nvme = self.buckets[:self.first_ram]
+            out += (f", {len(nvme)} on NVMe ({params(nvme)}, {self.ring.file.size / 2**30:.2f} GiB in "
+                    f"{self.ring.file.path}, ring of {len(self.ring._sets)} buffer sets = "
+                    f"{self.ring.nbytes() / 2**30:.2f} GiB)")
+        return out
+
+    def resident_buckets(self, write: bool = False, fresh: bool = False):
+        """Every bucket in turn with its state bound: NVMe buckets are made resident one at a time (written
+        back after if ``write``; ``fresh``: zeroed, not read). The caller must not keep views past its turn."""
+        for bucket in self.buckets:
+            if bucket.nvme:
+                self.ring.hold(bucket.spec.index, dirty=write, fresh=fresh)
+            yield bucket
+        if self.ring is not None:
+            self.ring.let_go()
+
+    def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False,
+                   nvme_specs: list[BucketSpec] = ()) -> bool:
         """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
         (the format's back_bytes more per param, 12 for fp32; without it CPU buckets step after backward:
         slower, same results)."""
         n = sum(s.numel for s in host_specs)
         fmt = self.state_format
         slot = grad_slot.slot_bytes(self.grad_slot)
+        # NVMe buckets keep their gradient slot in RAM (pinned), and the ring holds a few buffer sets
+        n_nvme = sum(s.numel for s in nvme_specs)
+        ring = self.config.offload.nvme_buffers * max((s.numel for s in nvme_specs), default=0) * fmt.back_bytes
         state, back = fmt.host_bytes(slot), fmt.back_bytes  # master + moments (+ scales) + grad slot; a second set
         pin = self.config.offload.pin_memory and torch.cuda.is_available()
         speculate = self.config.offload.speculate
@@ -280,15 +334,16 @@ class Engine:
         # the node's need with the smallest MemAvailable any rank sees.
         local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
         avail = self._min_over_ranks(mem_available_bytes())
-        if speculate and avail is not None and local * n * (state + back) > 0.9 * avail:
+        if speculate and avail is not None and local * (n * (state + back) + n_nvme * slot + ring) > 0.9 * avail:
             speculate = False
             if self.env.is_main:
                 log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
                             "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
         # gradient slot + master (+ the back master)
-        pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0))
-        check_host_memory(n * (state + back if speculate else state), pinned, pin, ranks_per_node=local,
-                          available=avail)
+        pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0)) \
+            + n_nvme * slot
+        check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring), int(pinned), pin,
+                          ranks_per_node=local, available=avail)
         return speculate
 
     def _min_over_ranks(self, value: int | None) -> int | None:
@@ -368,6 +423,7 @@ class Engine:
 
     def grow_tail(self, n: int) -> None:
         """Move the ``n`` last-arriving host buckets to the GPU tail (state copied exactly)."""
+        n = min(n, self.first_tail - self.first_ram)  # NVMe buckets stay where they are
         if n <= 0:
             return
         self.pipeline.wait_all()
@@ -410,7 +466,7 @@ class Engine:
         self.pipeline.wait_all()
         return {slot.spec.name: gather_full(master_fp32(slot.state), slot.device_param.shape, self.device,
                                             "master-weights all-gather")
-                for bucket in self.buckets for slot in bucket.slots}
+                for bucket in self.resident_buckets() for slot in bucket.slots}
 
     # ---- checkpoints (DeepSpeed names) ------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, keep: int = 0, tokenizer=None):
@@ -434,3 +490,5 @@ class Engine:
             torch.cuda.synchronize(self.device)
         for bucket in self.buckets:
             bucket.release()
+        if self.ring is not None:
+            self.ring.close()

@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 
 from heavylift.checkpoint import paths, rng
 from heavylift.checkpoint.manifest import check_contents, check_listing, my_share, read_manifest
+from heavylift.checkpoint.nvme_state import planners
 from heavylift.checkpoint.state import (apply_scalar_state, check_compatible, refresh_device_params,
                                         tensor_state)
 from heavylift.config.errors import HeavyliftError
@@ -88,7 +89,12 @@ def load(engine, directory: str | os.PathLike, tag: str = "latest") -> dict:
     engine.pipeline.wait_all()
     if meta["world_size"] == world:  # on another rank count the buckets differ: the placement starts afresh
         engine.restore_placement(meta.get("placement"))
-    dcp.load(tensor_state(engine), storage_reader=dcp.FileSystemReader(root / paths.STATE))
+    try:  # NVMe-resident state is filled in the ring and written back, one bucket at a time
+        dcp.load(tensor_state(engine), planner=planners(engine)[1],
+                 storage_reader=dcp.FileSystemReader(root / paths.STATE))
+    finally:
+        if engine.ring is not None:
+            engine.ring.let_go()
     refresh_device_params(engine)
     apply_scalar_state(engine, meta)
     if rng_state is not None:

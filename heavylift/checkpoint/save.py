@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 
 from heavylift.checkpoint import paths, rng
 from heavylift.checkpoint.manifest import hash_files, list_files, my_share, write_manifest
+from heavylift.checkpoint.nvme_state import planners
 from heavylift.checkpoint.state import scalar_state, tensor_state
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -57,8 +58,13 @@ def save(engine, directory: str | os.PathLike, tag: str, extra: dict | None = No
     # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is closed, and
     # clones each of ours (views into the bucket buffers), so one file per rank would briefly double
     # the rank's host state (measured: +1.88 GiB for a 1.88 GiB checkpoint; one tensor at a time now).
-    dcp.save(state,
-             storage_writer=dcp.FileSystemWriter(tmp / paths.STATE, single_file_per_rank=False, sync_files=True))
+    # NVMe-resident state goes through the ring, one bucket at a time (checkpoint/nvme_state.py).
+    try:
+        dcp.save(state, planner=planners(engine)[0],
+                 storage_writer=dcp.FileSystemWriter(tmp / paths.STATE, single_file_per_rank=False, sync_files=True))
+    finally:
+        if engine.ring is not None:
+            engine.ring.let_go()
     _write_rank_file(tmp / paths.rank_file(rank))
     if main:
         meta = {**scalar_state(engine), "tag": tag, "extra": extra or {}}

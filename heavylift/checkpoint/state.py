@@ -81,13 +81,18 @@ def persistent_buffers(module) -> dict[str, Tensor]:
 
 
 def tensor_state(engine) -> dict[str, Tensor]:
+    """NVMe-resident state appears as stand-ins of the right shape and dtype that own no memory
+    (``checkpoint/nvme_state.py`` hands DCP the real bytes, one bucket at a time)."""
     meshes = Meshes(engine)
     sd: dict[str, Tensor] = {}
     for bucket in engine.buckets:
         per_block = {b.kind: b.per_block for b in bucket.fmt.buffers}
+        dtype = {b.kind: b.dtype for b in bucket.fmt.buffers}
         for s in bucket.slots:
             full = rows_shape(s.device_param.shape)
-            for kind, local in s.state.items():
+            for kind in bucket.fmt.kinds:
+                local = s.state[kind] if not bucket.nvme else stand_in(
+                    scale_shape(s.grad.shape) if per_block[kind] else s.grad.shape, dtype[kind])
                 shape = scale_shape(full) if per_block[kind] else full
                 sd[f"{kind}.{s.spec.name}"] = sharded(local, meshes.for_tensor(local), shape)
             sd[f"step.{s.spec.name}"] = s.step
@@ -98,6 +103,17 @@ def tensor_state(engine) -> dict[str, Tensor]:
     for n, b in persistent_buffers(engine.module).items():
         sd[f"buffer.{n}"] = b
     return sd
+
+
+def stand_in(shape, dtype: torch.dtype) -> Tensor:
+    """A tensor of ``shape`` and ``dtype`` backed by one element (DCP plans with its metadata only)."""
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
+
+
+def nvme_keys(engine) -> dict[str, tuple[int, int, str]]:
+    """DCP key -> (bucket index, slot index, state kind) of every NVMe-resident state tensor."""
+    return {f"{kind}.{s.spec.name}": (bucket.spec.index, i, kind)
+            for bucket in engine.buckets if bucket.nvme for i, s in enumerate(bucket.slots) for kind in bucket.fmt.kinds}
 
 
 def param_table(engine) -> dict[str, dict]:
@@ -170,5 +186,6 @@ def apply_scalar_state(engine, meta: dict) -> None:
 @torch.no_grad()
 def refresh_device_params(engine) -> None:
     """Copy the loaded masters into the (bf16) device shards the forward reads."""
-    for s in slots(engine):
-        s.device_param.to_local().copy_(s.master)
+    for bucket in engine.resident_buckets():
+        for s in bucket.slots:
+            s.device_param.to_local().copy_(s.master)

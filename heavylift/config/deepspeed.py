@@ -226,7 +226,7 @@ def _zero(z: Any, cfg: EngineConfig, notes: list[str]) -> None:
     oo = _keys(z.get("offload_optimizer") or {}, "zero_optimization.offload_optimizer.",
                {"device", "pin_memory", "ratio", "super_offload", "cpuadam_cores_perc", *_NVME_ONLY})
     pre = "zero_optimization.offload_optimizer."
-    device = _get(oo, pre, "device", "str", allowed="cpu")
+    device = _get(oo, pre, "device", "str", allowed="cpu or nvme")
     stage = _get(z, "zero_optimization.", "stage", "int", allowed="3")
     if stage != 3:
         why = ("3: heavylift is ZeRO-3 style (parameters, gradients and optimizer state sharded across ranks, "
@@ -235,11 +235,10 @@ def _zero(z: Any, cfg: EngineConfig, notes: list[str]) -> None:
             raise ConfigError("zero_optimization.stage", stage, why)
         raise ConfigError("zero_optimization.stage", stage if stage is not None else "absent (0)",
                           "3 (heavylift is ZeRO-3 style and always offloads the optimizer state)")
-    if device == "nvme":
-        raise ConfigError(pre + "device", device, "cpu (the NVMe tier is not built yet)")
-    if device != "cpu":
+    if device not in ("cpu", "nvme"):
         raise ConfigError(pre + "device", device if device is not None else "none",
-                          "cpu (heavylift always offloads the optimizer state to the CPU)")
+                          "cpu or nvme (heavylift always offloads the optimizer state to the CPU, and with nvme "
+                          "what does not fit in RAM to NVMe)")
     pin = _get(oo, pre, "pin_memory", "bool")
     cfg.offload.pin_memory = cfg.offload.pin_memory if pin is None else pin
     ratio = _get(oo, pre, "ratio", "float", ok=lambda v: 0.0 <= v <= 1.0, allowed="a number in [0, 1]")
@@ -255,9 +254,12 @@ def _zero(z: Any, cfg: EngineConfig, notes: list[str]) -> None:
         cfg.offload.cpu_threads = max(1, int(cores * perc))
         notes.append(f"{pre}cpuadam_cores_perc {perc}: offload.cpu_threads = {cfg.offload.cpu_threads} "
                      f"of the {cores} cores this process may use")
-    nvme = [pre + k for k in _NVME_ONLY if k in oo]
-    if nvme:
-        notes.append(f"{', '.join(nvme)}: ignored; NVMe-only knobs, unused with device cpu")
+    if device == "nvme":
+        _nvme(oo, pre, cfg, notes)
+    else:
+        nvme = [pre + k for k in _NVME_ONLY if k in oo]
+        if nvme:
+            notes.append(f"{', '.join(nvme)}: ignored; NVMe-only knobs, unused with device cpu")
     _offload_param(z.get("offload_param"))
     tuning = [k for k in z if k in _ZERO_TUNING or k.startswith("stage3_")]
     if "sub_group_size" in z:
@@ -271,6 +273,25 @@ def _zero(z: Any, cfg: EngineConfig, notes: list[str]) -> None:
     if tuning:
         notes.append(f"{', '.join('zero_optimization.' + k for k in tuning)}: ignored; heavylift derives "
                      "bucket sizes, prefetch and overlap itself")
+
+
+def _nvme(oo: dict, pre: str, cfg: EngineConfig, notes: list[str]) -> None:
+    """device nvme: the state file's directory and the ring depth; DeepSpeed keeps all of the optimizer
+    state on NVMe, heavylift only what does not fit in RAM (offload.nvme_ratio 1.0 keeps all of it there)."""
+    path = _get(oo, pre, "nvme_path", "str", ok=bool, allowed="a directory on a local NVMe drive")
+    if path is None:
+        raise ConfigError(pre + "nvme_path", "absent", "a directory on a local NVMe drive (device is nvme)")
+    cfg.offload.device, cfg.offload.nvme_path = "nvme", path
+    count = _get(oo, pre, "buffer_count", "int", ok=lambda v: v >= 1, allowed="an integer >= 1")
+    if count is not None:
+        cfg.offload.nvme_buffers = count
+        notes.append(f"{pre}buffer_count {count} -> offload.nvme_buffers (buffer sets in the NVMe ring)")
+    notes.append(f"{pre}device nvme: heavylift keeps as much optimizer state in RAM as fits and puts the rest "
+                 "in nvme_path (DeepSpeed puts all of it there; offload.nvme_ratio 1.0 does the same)")
+    rest = [pre + k for k in ("pipeline_read", "pipeline_write", "fast_init") if k in oo]
+    if rest:
+        notes.append(f"{', '.join(rest)}: ignored; heavylift always reads NVMe state ahead of the step and "
+                     "writes it behind")
 
 
 def _offload_param(op: Any) -> None:

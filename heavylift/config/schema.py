@@ -63,7 +63,16 @@ class PrecisionConfig:
 class OffloadConfig:
     """Where the optimizer state lives and how its CPU step is overlapped."""
 
-    device: Literal["cpu"] = "cpu"
+    # Where the host-side optimizer state lives: "cpu" (RAM) or "nvme" (as much in RAM as fits, the rest
+    # in a preallocated file per rank under ``nvme_path``, streamed through a ring of pinned buffers).
+    device: Literal["cpu", "nvme"] = "cpu"
+    # device nvme: an existing, writable directory on a local NVMe drive (one file per rank is created).
+    nvme_path: str = ""
+    # device nvme: fraction of the host buckets' parameters (the earliest-arriving buckets, stepped last)
+    # whose state lives on NVMe. None: as much in RAM as MemAvailable allows, the rest on NVMe.
+    nvme_ratio: float | None = None
+    # device nvme: buffer sets in the ring (one stepped, the rest read ahead or written behind).
+    nvme_buffers: int = 3
     pin_memory: bool = True
     # Fraction of buckets (in gradient-arrival order) stepped on the CPU; the rest (the buckets whose
     # gradients arrive last) keep their optimizer state on the GPU. None: chosen automatically.
@@ -147,8 +156,14 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(p.min_loss_scale > 0, "precision.min_loss_scale", p.min_loss_scale, "a number > 0")
     _check(p.hysteresis >= 1, "precision.hysteresis", p.hysteresis, "an integer >= 1")
     f = cfg.offload
-    _check(f.device == "cpu", "offload.device", f.device,
-           "cpu (the NVMe tier is not built yet; see issue 6)")
+    _check(f.device in ("cpu", "nvme"), "offload.device", f.device, "cpu or nvme")
+    _check(f.device == "cpu" or bool(f.nvme_path), "offload.nvme_path", f.nvme_path,
+           "a directory on a local NVMe drive (offload.device is nvme)")
+    _check(f.nvme_ratio is None or 0.0 <= f.nvme_ratio <= 1.0, "offload.nvme_ratio", f.nvme_ratio,
+           "null (auto: as much state in RAM as fits) or [0, 1]")
+    _check(f.nvme_ratio is None or f.device == "nvme", "offload.nvme_ratio", f.nvme_ratio,
+           "null unless offload.device is nvme")
+    _check(f.nvme_buffers >= 1, "offload.nvme_buffers", f.nvme_buffers, "an integer >= 1 (3 or 4 is typical)")
     _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
     _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")

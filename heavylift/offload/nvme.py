@@ -131,14 +131,26 @@ class StateFile:
         """Write ``buffers`` to bucket ``region``; the buffers must stay untouched until the future is done."""
         return self._submit(region, buffers, write=True)
 
+    def read_at(self, offset: int, t: Tensor) -> Future:
+        """Fill ``t`` from the bytes at ``offset`` (a piece of a region: one tensor of a checkpoint)."""
+        return self._submit_spans([(offset, t.numel() * t.element_size())], [t], write=False)
+
+    def write_at(self, offset: int, t: Tensor) -> Future:
+        return self._submit_spans([(offset, t.numel() * t.element_size())], [t], write=True)
+
     def _submit(self, region: int, buffers: list[Tensor], write: bool) -> Future:
         spans = self.layout[region]
         if len(buffers) != len(spans):
             raise AssertionError(f"region {region} has {len(spans)} buffers, got {len(buffers)}")
+        return self._submit_spans(spans, buffers, write)
+
+    def _submit_spans(self, spans: list[tuple[int, int]], buffers: list[Tensor], write: bool) -> Future:
         parts: list[Future] = []
         for (offset, length), t in zip(spans, buffers):
             if t.numel() * t.element_size() != length or not t.is_contiguous() or t.device.type != "cpu":
-                raise AssertionError(f"buffer for region {region} is not {length} contiguous CPU bytes")
+                raise AssertionError(f"buffer for offset {offset} is not {length} contiguous CPU bytes")
+            if offset + length > self.size:
+                raise AssertionError(f"{length} bytes at offset {offset} run past the {self.size}-byte file")
             view = t.view(torch.uint8).numpy()
             for start in range(0, length, CHUNK):
                 n = min(CHUNK, length - start)
@@ -171,7 +183,10 @@ class StateFile:
             done += k
 
     def _io_buffered(self, write: bool, mem, offset: int) -> None:
-        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as e:  # the file was removed or replaced under us
+            raise self._error(write, offset, e) from None
         try:
             self._io_on(fd, write, mem, offset)
         finally:

@@ -21,12 +21,22 @@ def pinned_zeros(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     t = torch.zeros(n, dtype=dtype)
     if n == 0:
         return t
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), n * t.element_size(), _PORTABLE))
-    if err != 0:
-        log.warning("cudaHostRegister failed (error %d); using torch's pinned allocator", err)
+    if not register(t):
+        log.warning("cudaHostRegister failed; using torch's pinned allocator")
         return torch.zeros(n, dtype=dtype, pin_memory=True)
-    _registered.add(t.data_ptr())
     return t
+
+
+def register(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory in place (e.g. a 4 KiB-aligned NVMe ring buffer); False if the driver refused."""
+    if t.numel() == 0:
+        return True
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), _PORTABLE))
+    if err != 0:
+        log.warning("cudaHostRegister failed (error %d)", err)
+        return False
+    _registered.add(t.data_ptr())
+    return True
 
 
 def release(t: torch.Tensor) -> None:

@@ -17,6 +17,10 @@ Schedule of one optimizer step (the last micro-batch of an accumulation window):
        GPU tail: fused AdamW on the compute stream, master -> param
     next forward: pre-hook of unit u blocks until u's buckets are final and uploaded (per layer, not per step)
 
+NVMe buckets (offload/nvme_ring.py draws their schedule) do not speculate: the worker reads their state
+ahead into a ring of buffer sets from the start of the boundary backward, steps each one after the norm
+in place in its set, uploads from there and writes it back behind.
+
 Only the autograd thread touches autograd, FSDP and ``.grad``; the worker touches host buffers, the
 copy into the device shard on its own stream, and threading events. Every device tensor a side stream
 reads stays referenced until that stream's event has completed, so the caching allocator never hands
@@ -37,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from heavylift.config.errors import HeavyliftError
 from heavylift.dist.cores import current_plan, pin_current_thread
 from heavylift.dist.guard import guarded
 from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
@@ -76,6 +81,7 @@ class OffloadPipeline:
         speculate: bool,
         cpu_threads: int,
         native=None,
+        ring=None,
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -88,6 +94,10 @@ class OffloadPipeline:
         self.speculate = speculate
         self._native = native  # heavylift's CPU kernel module, or None: torch's fused kernel
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
+        # NVMe buckets step with the kernel a RAM bucket would use in the same step, so that where the state
+        # lives never changes a bit of the result: the native one while speculating, else torch's
+        self._native_speculation = native is not None and speculate
+        self._ring = ring  # offload.nvme_ring.NvmeRing of the NVMe buckets, or None
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
@@ -125,6 +135,8 @@ class OffloadPipeline:
         self._pending = [_Pending() for _ in self.buckets]
         for ev in self._final:
             ev.clear()
+        if self._ring is not None:
+            self._tasks.put(("prefetch", -1, ()))  # NVMe reads overlap this backward
 
     @torch.no_grad()
     def on_grad(self, param: Tensor) -> None:
@@ -197,9 +209,9 @@ class OffloadPipeline:
         # Forward order: the next forward needs the first layers first, so step those first.
         for b in reversed(range(len(self.buckets))):
             bucket, pend = self.buckets[b], self._pending[b]
-            if not pend.dispatched:
+            if not pend.dispatched and not bucket.nvme:
                 self._final[b].set()
-            elif bucket.on_host:
+            elif bucket.on_host:  # NVMe buckets always: the ring reads them in this order
                 self._tasks.put(("finish", b, (found_inf, coef)))
             else:
                 if not found_inf:
@@ -245,7 +257,7 @@ class OffloadPipeline:
         """Seconds of one AdamW pass over every host bucket, the way the worker runs it (its thread count,
         its kernel), with nothing else running; the state is left as it was. For the benchmark's floor."""
         self.wait_all()
-        host = [b for b in self.buckets if b.on_host]
+        host = [b for b in self.buckets if b.on_host and not b.nvme]  # NVMe: their floor term is the disk
         if not host:  # the placement moved every bucket to the GPU tail: no CPU optimizer work
             return 0.0
         slots = [s for b in host for s in b.slots]
@@ -295,10 +307,12 @@ class OffloadPipeline:
             try:
                 if kind == "land":
                     self._land(b, *args)
+                elif kind == "prefetch":
+                    self._ring.begin()
                 else:
                     self._finish(b, *args)
             except BaseException as exc:  # surfaced on the autograd thread at its next wait
-                self._error = exc
+                self._error = self._error or exc  # the first is the cause; later tasks fail in its wake
                 for ev in self._final:
                     ev.set()
                 for p in self._pending:
@@ -309,7 +323,7 @@ class OffloadPipeline:
         if ev is not None:
             ev.synchronize()
         del grads  # device memory may be reused now that the copy has completed
-        if self._speculate_now and math.isfinite(float(host_sumsq)):
+        if self._speculate_now and not self.buckets[b].nvme and math.isfinite(float(host_sumsq)):
             self._wait_upload(b)
             with self._timed(pend.active):
                 if self._double_buffered:
@@ -325,7 +339,9 @@ class OffloadPipeline:
     def _finish(self, b: int, found_inf: bool, coef: float) -> None:
         pend = self._pending[b]
         pend.speculated.wait()
-        if self._double_buffered:
+        if self.buckets[b].nvme:
+            self._finish_nvme(b, pend, found_inf, coef)
+        elif self._double_buffered:
             self._finish_double_buffered(b, pend, found_inf, coef)
         elif pend.spec_ok:
             if found_inf or coef != 1.0:
@@ -361,6 +377,22 @@ class OffloadPipeline:
             self._upload(b)
         elif not found_inf:
             self._step_after_norm(b, pend, coef)
+
+    def _finish_nvme(self, b: int, pend: _Pending, found_inf: bool, coef: float) -> None:
+        """An NVMe bucket steps in the ring set its state was read into, is uploaded from it and written
+        back behind; skipped (or given no gradient), it is let go unwritten."""
+        self._ring.acquire(b)
+        stepped = pend.dispatched and bool(pend.active) and not found_inf
+        if stepped:
+            with self._timed(pend.active):
+                if self._native_speculation and self._speculate_now:
+                    self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=False)
+                    for s in pend.active:
+                        s.step += 1
+                else:
+                    self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
+            self._upload(b)
+        self._ring.release(b, dirty=stepped, upload=self._upload_ev[b] if stepped else None)
 
     # ---- shared helpers -------------------------------------------------------------------------
     def _step_after_norm(self, b: int, pend: _Pending, coef: float) -> None:
@@ -457,6 +489,8 @@ class OffloadPipeline:
             ev.synchronize()
 
     def _raise_worker_error(self) -> None:
+        if isinstance(self._error, HeavyliftError):  # a user-facing cause (the NVMe drive): its own line
+            raise self._error
         if self._error is not None:
             raise RuntimeError("heavylift CPU optimizer worker failed") from self._error
 

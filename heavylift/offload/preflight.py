@@ -41,3 +41,34 @@ def check_host_memory(host_bytes: int, pinned_bytes: int, pin: bool, ranks_per_n
                 f"{soft / GiB:.2f} GiB: raise it (`ulimit -l unlimited`, or memlock in "
                 "/etc/security/limits.conf / the container's --ulimit memlock=-1), or set offload.pin_memory: false "
                 "(transfers then run ~8x slower)")
+
+
+NVME_HEADROOM = 0.85  # of MemAvailable that state may take when the rest goes to NVMe: room for the runtime
+
+
+def nvme_split(host_numels: list[int], fmt, ratio: float | None, available: int | None, ranks_per_node: int,
+               ring_depth: int) -> int:
+    """How many host buckets (a prefix in arrival order: the earliest-arriving, stepped last) keep their
+    state on NVMe; pure.
+
+    ``ratio``: that fraction of the host parameters, rounded to whole buckets. None: the fewest that let
+    the rest fit in ``NVME_HEADROOM`` of ``available`` (per node), counting the NVMe buckets' gradient
+    slots and the ring's buffer sets; all of them if nothing smaller fits (the preflight then says so),
+    none when ``available`` is unknown."""
+    total = sum(host_numels)
+    if ratio is not None:
+        k, acc = 0, 0
+        while k < len(host_numels) and acc + host_numels[k] <= ratio * total + 0.5:
+            acc += host_numels[k]
+            k += 1
+        return k
+    if available is None:
+        return 0
+    budget = NVME_HEADROOM * available / ranks_per_node
+    for k in range(len(host_numels) + 1):
+        on_disk = host_numels[:k]
+        ram = (total - sum(on_disk)) * fmt.state_bytes + sum(on_disk) * 4
+        ram += ring_depth * max(on_disk, default=0) * fmt.back_bytes
+        if ram <= budget:
+            return k
+    return len(host_numels)

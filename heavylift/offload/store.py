@@ -27,7 +27,8 @@ class Slot:
     """One parameter shard: its device tensor and its views into the bucket's state buffers."""
 
     spec: ParamSpec
-    state: dict[str, Tensor]  # the format's kinds (master, exp_avg, exp_avg_sq, ...) -> live views
+    state: dict[str, Tensor]  # the format's kinds (master, exp_avg, ...) -> live views; {} for an NVMe bucket
+    # that is not resident in a ring buffer set
     grad: Tensor
     step: Tensor  # float32 0-d, on the state's device
     row_len: int = 1  # elements per row of the shard (quantization blocks follow rows)
@@ -55,6 +56,7 @@ class BucketState:
     state_device: torch.device
     fmt: StateFormat
     tail: bool = False  # GPU tail: state on the compute device, stepped there after validation
+    nvme: bool = False  # host bucket whose state lives in the NVMe state file (slots bound only while resident)
     slots: list[Slot] = field(default_factory=list)
     flats: dict[str, Tensor] = field(default_factory=dict)
 
@@ -84,6 +86,7 @@ def allocate_bucket(
     double_buffer: bool = False,
     fmt: StateFormat = FORMATS["fp32"],
     grad_dtype: torch.dtype = torch.float32,
+    nvme: bool = False,
 ) -> BucketState:
     """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard; per-block
     scales ``rows x blocks``).
@@ -97,7 +100,7 @@ def allocate_bucket(
         state_device = torch.device("cpu")
     else:
         fmt = FORMATS[fmt.tail]
-    sizes = {False: spec.numel, True: sum(math.prod(scale_shape(s)) for s in shapes)}
+    sizes = flat_sizes(shapes)
 
     def buf(per_block: bool, dtype: torch.dtype, pinned: bool = False) -> Tensor:
         if pinned and on_host:
@@ -105,32 +108,46 @@ def allocate_bucket(
         return torch.zeros(sizes[per_block], dtype=dtype, device=state_device)
 
     # "": the state; "snap_": its copy before a speculative step (torch kernel); "back_": the second set a
-    # speculative step writes (native kernel), uploaded from, so its master is pinned too
-    prefixes = [""] + ["snap_"] * (snapshot and on_host) + ["back_"] * (double_buffer and on_host)
+    # speculative step writes (native kernel), uploaded from, so its master is pinned too. An NVMe bucket
+    # keeps only its gradient slot here: its state lives in the state file and is bound to a ring buffer
+    # set while it is stepped (offload/nvme_ring.py).
+    prefixes = [] if nvme else [""] + ["snap_"] * (snapshot and on_host) + ["back_"] * (double_buffer and on_host)
     flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and b.link and prefix != "snap_")
              for prefix in prefixes for b in fmt.buffers}
     flats["grad"] = buf(False, grad_dtype if on_host else torch.float32, pin)
-    bucket = BucketState(spec, state_device, fmt, tail=tail, flats=flats)
-    per_block = {b.kind: b.per_block for b in fmt.buffers}
-    off = {False: 0, True: 0}
-    for p, shape in zip(spec.params, shapes, strict=True):
-        n = {False: p.numel, True: math.prod(scale_shape(shape))}
+    bucket = BucketState(spec, state_device, fmt, tail=tail, nvme=nvme, flats=flats)
 
-        def views(prefix: str) -> dict[str, Tensor]:
-            out = {}
-            for kind in fmt.kinds:
-                blk = per_block[kind]
-                flat = flats[prefix + kind][off[blk]: off[blk] + n[blk]]
-                out[kind] = flat.view(scale_shape(shape) if blk else shape)
-            return out
+    def views(prefix: str) -> list[dict[str, Tensor]]:
+        return carve(fmt, shapes, {k: flats[prefix + k] for k in fmt.kinds})
 
+    state, snap, back = (views(x) if x in prefixes else [None] * len(shapes) for x in ("", "snap_", "back_"))
+    off = 0
+    for p, shape, st, sn, bk in zip(spec.params, shapes, state, snap, back, strict=True):
         bucket.slots.append(Slot(
-            spec=p, state=views(""), grad=flats["grad"][off[False]: off[False] + p.numel].view(shape),
+            spec=p, state=st if st is not None else {}, grad=flats["grad"][off: off + p.numel].view(shape),
             step=torch.zeros((), dtype=torch.float32, device=state_device), row_len=max(rows_and_len(shape)[1], 1),
-            snap=views("snap_") if "snap_" in prefixes else None, back=views("back_") if "back_" in prefixes else None,
+            snap=sn, back=bk,
         ))
-        off = {blk: off[blk] + n[blk] for blk in off}
+        off += p.numel
     return bucket
+
+
+def flat_sizes(shapes: list[torch.Size]) -> dict[bool, int]:
+    """Elements of a bucket's flat buffers: per-element (False) and per-block (True, quantization scales)."""
+    return {False: sum(math.prod(s) for s in shapes), True: sum(math.prod(scale_shape(s)) for s in shapes)}
+
+
+def carve(fmt: StateFormat, shapes: list[torch.Size], flats: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Per-parameter views into a bucket's flat state buffers (one per kind): each shaped like its shard,
+    per-block scales ``rows x blocks``."""
+    per_block = {b.kind: b.per_block for b in fmt.buffers}
+    out, off = [], {False: 0, True: 0}
+    for shape in shapes:
+        n = {False: math.prod(shape), True: math.prod(scale_shape(shape))}
+        out.append({kind: flats[kind][off[per_block[kind]]: off[per_block[kind]] + n[per_block[kind]]]
+                    .view(scale_shape(shape) if per_block[kind] else shape) for kind in fmt.kinds})
+        off = {blk: off[blk] + n[blk] for blk in off}
+    return out
 
 
 def write_master(slot: Slot, value: Tensor) -> None:

@@ -45,6 +45,9 @@ class Case:
     grow_tail_at: int = -1  # before this optimizer step, move 2 host buckets to the tail
     dtype: str = "fp32"  # precision.dtype (the reference always computes in fp32)
     grad_slot: str = "auto"
+    nvme_path: str = ""  # set: offload.device nvme with the state file in this directory
+    nvme_ratio: float | None = 1.0
+    nvme_buffers: int = 3
     extra: dict = field(default_factory=dict)
 
 
@@ -80,6 +83,9 @@ def engine_config(case: Case) -> EngineConfig:
     ec.offload.kernel = case.kernel
     ec.offload.state_format = case.state_format
     ec.activation_checkpointing = case.activation_checkpointing
+    if case.nvme_path:
+        ec.offload.device, ec.offload.nvme_path = "nvme", case.nvme_path
+        ec.offload.nvme_ratio, ec.offload.nvme_buffers = case.nvme_ratio, case.nvme_buffers
     return ec
 
 
@@ -208,7 +214,7 @@ def snapshot_state(engine) -> list[torch.Tensor]:
     """Every piece of optimizer and weight state this rank owns, copied."""
     engine.pipeline.wait_all()
     out = []
-    for b in engine.buckets:
+    for b in engine.resident_buckets():
         for s in b.slots:
             out += [t.clone() for t in s.state.values()]
             out += [s.step.clone(), s.device_param.to_local().detach().clone()]
@@ -220,7 +226,7 @@ def gather_moments(engine) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]
     largest step count."""
     world = dist.get_world_size()
     out = {}
-    for b in engine.buckets:
+    for b in engine.resident_buckets():
         for s in b.slots:
             full = s.device_param.shape
             step = torch.tensor([float(s.step)])

@@ -146,7 +146,7 @@ def test_build_unknown_key_names_full_dotted_key_and_suggests():
     ({"engine": {"offload": {"speculate": "yes please"}}}, "engine.offload.speculate", "true or false"),
     ({"engine": {"offload": {"speculate": 1}}}, "engine.offload.speculate", "true or false"),
     ({"engine": {"offload": {"ratio": "auto"}}}, "engine.offload.ratio", "a number or null"),
-    ({"engine": {"offload": {"device": "nvme"}}}, "engine.offload.device", "one of 'cpu'"),
+    ({"engine": {"offload": {"device": "disk"}}}, "engine.offload.device", "one of 'cpu', 'nvme'"),
     ({"engine": {"batch": {"grad_accum": 1.5}}}, "engine.batch.grad_accum", "an integer"),
     ({"engine": {"precision": {"dtype": "int8"}}}, "engine.precision.dtype", "'bf16', 'fp16', 'fp32'"),
     ({"engine": {"optim": 3}}, "engine.optim", "a mapping with keys"),

@@ -238,8 +238,7 @@ def test_zero_missing():
     raises(minimal(zero_optimization=3), "zero_optimization")
 
 
-@pytest.mark.parametrize("oo,says", [({"device": "nvme", "nvme_path": "/nvme"}, "NVMe tier is not built yet"),
-                                     ({"device": "none"}, "always offloads"),
+@pytest.mark.parametrize("oo,says", [({"device": "none"}, "always offloads"),
                                      ({"device": "gpu"}, "cpu"),
                                      ({"pin_memory": True}, "always offloads")])
 def test_offload_device_errors(oo, says):
@@ -247,6 +246,24 @@ def test_offload_device_errors(oo, says):
     raises(ds, "zero_optimization.offload_optimizer.device", says=says)
     ds["zero_optimization"].pop("offload_optimizer")
     raises(ds, "zero_optimization.offload_optimizer.device", says="always offloads")
+
+
+def test_offload_optimizer_nvme_maps_onto_the_nvme_tier():
+    cfg, notes = from_deepspeed(with_offload(device="nvme", nvme_path="/local_nvme", buffer_count=5,
+                                             pipeline_read=True, pipeline_write=True), 1)
+    o = cfg.offload
+    assert (o.device, o.nvme_path, o.nvme_buffers, o.nvme_ratio) == ("nvme", "/local_nvme", 5, None)
+    text = "\n".join(notes)
+    assert "buffer_count 5 -> offload.nvme_buffers" in text and "as much optimizer state in RAM" in text
+    assert "offload_optimizer.pipeline_read" in text and "offload_optimizer.pipeline_write" in text
+    assert from_deepspeed(with_offload(device="nvme", nvme_path="/n"), 1)[0].offload.nvme_buffers == 3
+
+
+@pytest.mark.parametrize("oo,key", [({"device": "nvme"}, "nvme_path"), ({"device": "nvme", "nvme_path": ""}, "nvme_path"),
+                                    ({"device": "nvme", "nvme_path": 3}, "nvme_path"),
+                                    ({"device": "nvme", "nvme_path": "/n", "buffer_count": 0}, "buffer_count")])
+def test_offload_optimizer_nvme_errors(oo, key):
+    raises(with_offload(**oo), f"zero_optimization.offload_optimizer.{key}")
 
 
 def test_offload_optimizer_keys():
