@@ -28,6 +28,7 @@ def test_bf16_compute_bf16_slot_changes_no_bit(case):
     bf16 = train_state(dataclasses.replace(case, grad_slot="auto"))
     assert bf16["resolved"] == "bf16" and str(bf16["slot"]) == "torch.bfloat16" and str(fp32["slot"]) == "torch.float32"
     assert bf16["norms"] == fp32["norms"]
+    assert bf16["stats"] == fp32["stats"] and bf16["stats"]["redone"] > 0  # clipped steps re-stepped the buckets
     assert all(a.dtype == b.dtype and (a == b).all() for a, b in zip(bf16["state"], fp32["state"]))
 
 
