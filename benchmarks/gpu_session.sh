@@ -7,6 +7,8 @@
 #                the shared floor probe (stock HF forward+backward) on the same machine
 #   PART=multi   issue 4/5 on GPUS ranks (train + checkpoint, export, resume on half the ranks), nvidia-h200-x4
 #   PART=scale   issue 7: bench --gpus COUNTS (weak scaling), PEERS at the largest count, nvidia-h200-x4
+#   PART=big     issue 6: kernel speed per format, qwen3-14b in FMT on one GPU (nvidia-h200)
+#   PART=nvme    issue 6: qwen3-4b with NVME_RATIO of the host state on disk vs all in RAM (nvidia-h200)
 #   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint, a resume from it that
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
@@ -73,5 +75,24 @@ scale)
     --peers-dir .bench/bench --peers "${PEERS:-}" --peer-timeout "${PEER_TIMEOUT:-150}" --out "$OUT/r" \
     > "$OUT/scale.log" 2>&1
   tail -30 "$OUT/scale.log"
+  ;;
+big)
+  # issue 6: CPU kernel speed per format on this box's cores; the qwen3-14b shape on one GPU in a compact
+  # format (FMT, default int8-moments); then the same with part of the state on NVMe (NVME_RATIO)
+  python benchmarks/kernel_speed.py --params 200000000 --reps 3 --machine "$(nvidia-smi -L | head -1)" \
+    > "$OUT/kernels.jsonl" 2> "$OUT/kernels.err"
+  mkdir -p "$OUT/r"
+  timeout 330 python -m heavylift bench --model qwen3-14b --seq 4096 --mbs 1 --accum ${ACCUM:-2} --steps 3 \
+    --state-format "${FMT:-int8-moments}" --peers "" --out "$OUT/r" > "$OUT/big.log" 2>&1
+  tail -20 "$OUT/big.log"; cat "$OUT/kernels.jsonl"
+  ;;
+nvme)
+  # issue 6: qwen3-4b with NVME_RATIO of the host state on the box's disk, against the same run in RAM
+  mkdir -p /tmp/nvme
+  for dev in cpu nvme; do
+    timeout 250 python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --steps 3 --ratio 0.8 \
+      $( [ $dev = nvme ] && echo --nvme-path /tmp/nvme --nvme-ratio ${NVME_RATIO:-0.5} ) > "$OUT/step-$dev.jsonl" 2> "$OUT/step-$dev.err"
+    tail -c 600 "$OUT/step-$dev.jsonl"; echo
+  done
   ;;
 esac

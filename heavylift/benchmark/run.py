@@ -26,7 +26,7 @@ from heavylift.config.errors import HeavyliftError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="qwen3-4b",
-                   help="tiny, llama-1b, qwen3-4b, llama-8b (the harness's shapes), llama-70b (heavylift only)")
+                   help="tiny, llama-1b, qwen3-4b, llama-8b (the harness's shapes), qwen3-14b, llama-70b (heavylift only)")
     p.add_argument("--gpus", default="1", help="GPUs, one rank each (torchrun); a comma list (1,4) also reports "
                    "heavylift's weak scaling; tokens per GPU stay fixed")
     p.add_argument("--seq", type=int, default=4096)

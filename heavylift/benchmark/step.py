@@ -34,6 +34,7 @@ SHAPES = {
     "llama-1b": (2048, 16, 8192, 32, 8, 128256, True),
     "qwen3-4b": (2560, 36, 9728, 32, 8, 151936, True),
     "llama-8b": (4096, 32, 14336, 32, 8, 128256, False),
+    "qwen3-14b": (5120, 40, 17408, 40, 8, 151936, False),  # issue 6's 1-GPU target (not a harness shape)
     "llama-70b": (8192, 80, 28672, 64, 8, 128256, False),  # Llama-3.3-70B (the 4-GPU target; not a harness shape)
 }
 
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--speculate", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=-1.0, help="offload.ratio; < 0: automatic")
     ap.add_argument("--state-format", default="fp32")
+    ap.add_argument("--nvme-path", default="", help="offload.device nvme with its state file here")
+    ap.add_argument("--nvme-ratio", type=float, default=-1.0, help="offload.nvme_ratio; < 0: automatic")
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0)
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     ec.offload.speculate, ec.offload.cpu_threads = bool(a.speculate), a.threads
     ec.offload.ratio = None if a.ratio < 0 else a.ratio
     ec.offload.state_format, ec.offload.kernel = a.state_format, a.kernel
+    if a.nvme_path:
+        ec.offload.device, ec.offload.nvme_path = "nvme", a.nvme_path
+        ec.offload.nvme_ratio = None if a.nvme_ratio < 0 else a.nvme_ratio
     ec.loss_chunk_tokens = a.loss_chunk_tokens
     ec.compile, ec.recompute = a.compile, a.recompute
     engine = heavylift.initialize(model=model, config=ec)[0]
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     floor["floor_s"] = max(floor.values())
     common = {
         "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
-        "state_format": a.state_format, "kernel": engine.pipeline.kernel,
+        "state_format": a.state_format, "kernel": engine.pipeline.kernel, "nvme_buckets": engine.first_ram,
         "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
         "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
         "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
