@@ -1,7 +1,7 @@
 """CPU AdamW kernel throughput on this machine (no GPU needed), one JSON line:
 torch's fused kernel in place, heavylift's native kernel in place and out of place (the speculative
 step), a snapshot copy of (p, m, v) (what speculation costs with torch's kernel), and every compact
-state format's kernel out of place (bf16 moments, int8 moments, bf16 master).
+state format's kernel out of place (bf16 moments, int8 moments, bf16 master, bf16 master + int8 moments).
 
     python benchmarks/kernel_speed.py [--params 32000000] [--reps 5] [--machine "2-core dev box"]
 """
@@ -64,12 +64,15 @@ def main() -> None:
     hi, lo = split_bf16(p)
     bf16m = dict(master=hi, master_comp=lo, exp_avg=mb, exp_avg_sq=vb)
     bf16m_out = {key: torch.empty_like(t) for key, t in bf16m.items()}
+    sr8 = dict(int8, master=hi[:n8])
+    sr8_out = dict(int8_out, master=torch.empty_like(hi[:n8]))
     for name, fmt, src, dst, size in (("int8_moments", "int8-moments", int8, int8_out, n8),
-                                      ("bf16_master", "bf16-master", bf16m, bf16m_out, n)):
-        step = (lambda f, s_, d_, m_: lambda: native_step(k, f, s_, d_, g[:m_], hp, 5, 1.0, a.row_len))(
+                                      ("bf16_master", "bf16-master", bf16m, bf16m_out, n),
+                                      ("bf16_master_int8", "bf16-master-int8", sr8, sr8_out, n8)):
+        step = (lambda f, s_, d_, m_: lambda: native_step(k, f, s_, d_, g[:m_], hp, 5, 1.0, a.row_len, (7, 0)))(
             FORMATS[fmt], src, dst, size)
         out["G_params_per_s"][f"native_{name}_out_of_place"] = rate(step, size, a.reps)
-        inplace = (lambda f, s_, m_: lambda: native_step(k, f, s_, s_, g[:m_], hp, 5, 1.0, a.row_len))(
+        inplace = (lambda f, s_, m_: lambda: native_step(k, f, s_, s_, g[:m_], hp, 5, 1.0, a.row_len, (7, 0)))(
             FORMATS[fmt], dst, size)
         out["G_params_per_s"][f"native_{name}_in_place"] = rate(inplace, size, a.reps)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")

@@ -36,11 +36,12 @@ from heavylift.optim.formats import FORMATS, master_fp32
 from heavylift.optim.loss_scale import LossScaler
 from heavylift.optim.optimizer import OffloadedAdamW
 from heavylift.optim.schedule import build_scheduler
+from heavylift.optim.stochastic import stream_key
 from heavylift.shard.compile import compile_blocks
 from heavylift.shard.compile import wanted as compile_wanted
 from heavylift.shard.fsdp import apply_fsdp, find_blocks
 from heavylift.shard.gather import gather_full
-from heavylift.shard.layout import local_shape
+from heavylift.shard.layout import first_element, local_shape
 from heavylift.shard.recompute import checkpointed, set_checkpointed
 from heavylift.shard.values import (MaterializedValues, MetaInitValues, SafetensorsValues, init_buffers,
                                     is_meta)
@@ -136,8 +137,11 @@ class Engine:
         rank, world = self.env.rank, self.env.world_size
         units: list[list[ParamSpec]] = [[] for _ in range(root_unit + 1)]
         shapes: dict[str, torch.Size] = {}
+        self.rounding_seed = cfg.seed  # of a stochastically rounded master's random bits (a checkpoint's wins)
+        stream_of: dict[str, tuple[int, int]] = {}  # per parameter: (stream key, global index of the shard's start)
         for n, p in named:
             shapes[n] = local_shape(p.shape, rank, world)
+            stream_of[n] = (stream_key(cfg.seed, n), first_element(p.shape, rank, world))
             units[unit_of.get(id(p), root_unit)].append(ParamSpec(n, shapes[n].numel(), self._group_of_name[n]))
         specs = plan_buckets(units, cfg.offload.bucket_params)
         if cfg.offload.ratio is not None:
@@ -174,6 +178,8 @@ class Engine:
                                      tail=spec.index >= first_tail,
                                      double_buffer=speculate and native is not None and not nvme, fmt=fmt,
                                      grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot], nvme=nvme)
+            for slot in bucket.slots:
+                slot.sr = stream_of[slot.spec.name]
             self.buckets.append(bucket)
             if nvme and spec.index == first_ram - 1:
                 self.ring = NvmeRing(self.buckets, cfg.offload.nvme_path, rank, cfg.offload.nvme_buffers,
@@ -440,6 +446,13 @@ class Engine:
         self.first_tail = new_first
 
     # ---- placement, as checkpoints record it ----------------------------------------------------------
+    def reseed_rounding(self, seed: int) -> None:
+        """Draw a stochastically rounded master's random bits from ``seed`` (a resumed run: the saved one)."""
+        self.rounding_seed = seed
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                slot.sr = (stream_key(seed, slot.spec.name), slot.sr[1])
+
     def placement_state(self) -> dict:
         """Where the steps put things: how many buckets step on the GPU, which blocks recompute. A resume
         must continue with the same (the GPU tail and the CPU kernel round differently)."""

@@ -142,6 +142,7 @@ def scalar_state(engine) -> dict:
         "engine_config": dataclasses.asdict(engine.config),
         "params": param_table(engine),
         "placement": engine.placement_state(),
+        "rounding_seed": engine.rounding_seed,
     }
 
 
@@ -178,6 +179,7 @@ def apply_scalar_state(engine, meta: dict) -> None:
     engine.pipeline._last_committed = meta["last_committed"]
     engine.lr_scheduler.load_state_dict(meta["scheduler"])
     engine.scaler.load_state_dict(meta["scaler"])
+    engine.reseed_rounding(meta.get("rounding_seed", engine.rounding_seed))
     for group, saved in zip(engine.optimizer.param_groups, meta["param_groups"], strict=True):
         for k, v in saved.items():
             group[k] = tuple(v) if isinstance(v, list) else v

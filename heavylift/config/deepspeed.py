@@ -206,8 +206,8 @@ def _precision(ds: dict, cfg: EngineConfig, notes: list[str]) -> None:
     p.hysteresis = p.hysteresis if hy is None else hy
     p.min_loss_scale = p.min_loss_scale if mls is None else mls
     low = ("false (DeepSpeed's bf16/fp16 master also keeps bf16/fp16 gradients, which heavylift does not do; "
-           "choose heavylift's own compact state with engine.offload.state_format: bf16-moments, int8-moments "
-           "or bf16-master, docs/state-formats.md)")
+           "choose heavylift's own compact state with engine.offload.state_format: bf16-moments, int8-moments, "
+           "bf16-master or bf16-master-int8, docs/state-formats.md)")
     for block, prefix, key in ((bf, bkey + ".", "bf16_master_weights_and_grads"),
                                (bf, bkey + ".", "bf16_optimizer_states"),
                                (fp, "fp16.", "fp16_master_weights_and_grads")):

@@ -13,8 +13,8 @@ from typing import Literal
 from heavylift.config.errors import ConfigError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
-StateFormatName = Literal["fp32", "bf16-moments", "int8-moments", "bf16-master"]
-STATE_FORMATS = ("fp32", "bf16-moments", "int8-moments", "bf16-master")  # optim/formats.py defines each
+StateFormatName = Literal["fp32", "bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8"]
+STATE_FORMATS = ("fp32", "bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8")  # optim/formats.py defines each
 ScheduleKind = Literal["constant", "warmup", "warmup_cosine", "warmup_linear"]
 
 
@@ -92,6 +92,8 @@ class OffloadConfig:
     # measured error. "bf16-moments": moments rounded to bfloat16 (12). "int8-moments": m and sqrt(v)
     # block-quantized to 8 bits, one fp32 scale per 256 (~10). "bf16-master": bf16 master with a bf16
     # Kahan compensation and bf16 moments (12; uploads 2 instead of 4 bytes/param, no cast).
+    # "bf16-master-int8": bf16 master stochastically rounded (no compensation), moments as int8-moments
+    # (~6 with the bf16 slot; the smallest; uploads 2 bytes/param, no cast).
     state_format: StateFormatName = "fp32"
     # dtype of the pinned host slot each host bucket's gradient waits in until the step is validated.
     # "auto": bf16 with bf16 compute (FSDP2 hands over bf16 gradients: nothing is lost) and with the

@@ -64,12 +64,11 @@ def _planner_view(name: str) -> StateFormat:
     return StateFormat(master=master, moments=moments, compensation=comp, grad=GRAD_BYTES, exact=f.exact)
 
 
-# In order of preference (most exact first): the planner picks the first that fits. The last is planned, not
-# built: a bf16 master without compensation (stochastic rounding keeps it unbiased) and int8 moments, the
-# smallest layout that keeps AdamW's state on the host (docs/log.md, session 3: 70B on one 4-GPU box).
-STATE_FORMATS = {name: _planner_view(name) for name in ("fp32", "bf16-moments", "bf16-master", "int8-moments")}
-STATE_FORMATS["bf16-master-int8"] = StateFormat(master=2.0, moments=STATE_FORMATS["int8-moments"].moments,
-                                                grad=GRAD_BYTES, built=False)
+# In order of preference (most exact first): the planner picks the first that fits. The last, a bf16 master
+# without compensation (stochastic rounding keeps it unbiased) and int8 moments, is the smallest layout that
+# keeps AdamW's state on the host (docs/log.md, session 3: 70B on one 4-GPU box).
+STATE_FORMATS = {name: _planner_view(name)
+                 for name in ("fp32", "bf16-moments", "bf16-master", "int8-moments", "bf16-master-int8")}
 
 FP32_ADAMW_TRAFFIC = STATE_FORMATS["fp32"].cpu_traffic  # 28 B/param: what the probed CPU rate moves
 

@@ -76,10 +76,11 @@ def choose(options: list[FormatOption], machine: Machine, setup: Setup) -> tuple
 def render_options(options: list[FormatOption], chosen: str, why: str) -> list[str]:
     lines = ["state formats (host bytes/param: master + moments + gradient slot (its bytes: 4 fp32, 2 bf16); "
              "per node: all its ranks' peak)"]
+    width = max(len(o.name) for o in options) + 1
     for o in options:
         flags = ", ".join(x for x in ("exact" if o.exact else "", "" if o.built else "not built yet") if x)
         mark = "->" if o.name == chosen else "  "
-        lines.append(f"{mark} {o.name:14s}{o.bytes_per_param:6.2f} B/param (slot {o.grad_bytes:g}) "
+        lines.append(f"{mark} {o.name:{width}s}{o.bytes_per_param:6.2f} B/param (slot {o.grad_bytes:g}) "
                      f"{o.host_node / GiB:9.1f} GiB/node  host {o.verdict:8s}{flags}")
     lines.append(f"  {why}")
     return lines

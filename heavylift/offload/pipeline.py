@@ -417,7 +417,7 @@ class OffloadPipeline:
         for s in slots:
             hp = self._step_hypers[self._group_of_slot(s)]
             dst = s.back if into_back else s.state
-            native_step(self._native, fmt, s.state, dst, s.grad, hp, int(s.step) + 1, grad_mul, s.row_len)
+            native_step(self._native, fmt, s.state, dst, s.grad, hp, int(s.step) + 1, grad_mul, s.row_len, s.sr)
 
     def _step_slots(self, bucket: BucketState, slots: list[Slot], inv_scale: float, coef: float) -> None:
         """Unscale, clip (in place, as clip_grad_norm_ does, for fp32 state; inside the step for the

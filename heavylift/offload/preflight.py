@@ -31,7 +31,7 @@ def check_host_memory(host_bytes: int, pinned_bytes: int, pin: bool, ranks_per_n
         raise HeavyliftError(
             f"the optimizer state needs {need / GiB:.1f} GiB of host RAM{per} but only {avail / GiB:.1f} GiB "
             "is available: use more nodes (state is sharded across ranks), set offload.state_format: "
-            "bf16-moments or int8-moments (4 or 6 bytes/param less), turn off offload.speculate, or keep more optimizer state "
+            "bf16-moments, int8-moments or bf16-master-int8 (4, 6 or 10 bytes/param less), turn off offload.speculate, or keep more optimizer state "
             "on the GPU (lower offload.ratio)")
     if pin:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)

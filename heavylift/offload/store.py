@@ -32,6 +32,9 @@ class Slot:
     grad: Tensor
     step: Tensor  # float32 0-d, on the state's device
     row_len: int = 1  # elements per row of the shard (quantization blocks follow rows)
+    # a stochastically rounded master's random bits (optim/stochastic.py): the parameter's stream key and the
+    # global index of the shard's first element
+    sr: tuple[int, int] = (0, 0)
     snap: dict[str, Tensor] | None = None  # the state before the step
     back: dict[str, Tensor] | None = None  # double buffer: where the next step writes
     snap_step: float = 0.0

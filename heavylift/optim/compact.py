@@ -1,8 +1,10 @@
-"""AdamW on compact state (``int8-moments``, ``bf16-master``) in plain torch ops, in any float dtype.
+"""AdamW on compact state (``int8-moments``, ``bf16-master``, ``bf16-master-int8``) in plain torch ops, in any
+float dtype.
 
 The same math as the native CPU kernels (optim/csrc), written once: in float32 on the GPU it steps
 the GPU-tail buckets of these formats (per-chunk temporaries, chunks of at most ``CHUNK`` elements);
-in float64 on the CPU it is the tests' reference for the kernels.
+in float64 on the CPU it is the tests' reference for the kernels (``bf16-master-int8`` has no GPU tail of
+its own: its tail buckets are int8-moments', optim/formats.py).
 
 ``src`` and ``dst`` map a format's state kinds to tensors (``dst`` may be ``src``: in place); the
 gradient is multiplied by ``grad_mul`` (unscale and clip) inside the step and is not modified.
@@ -11,12 +13,14 @@ gradient is multiplied by ``grad_mul`` (unscale and clip) inside the step and is
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from heavylift.optim.adamw import AdamWHyper
 from heavylift.optim.quant import dequantize_m, dequantize_r, quantize_m, quantize_r
+from heavylift.optim.stochastic import stochastic_bf16
 
 CHUNK = 1 << 24  # elements per pass on the GPU tail: bounds the fp32 temporaries (~6 x 64 MiB)
 
@@ -37,6 +41,28 @@ def adamw_math(p: Tensor, m: Tensor, v: Tensor, g: Tensor, hp: AdamWHyper, step:
 def int8_moments_step(src: dict[str, Tensor], dst: dict[str, Tensor], grad: Tensor, hp: AdamWHyper, step: int,
                       grad_mul: float, row_len: int, dtype: torch.dtype = torch.float32) -> None:
     """fp32 master; m and sqrt(v) block-quantized (optim/quant.py); rows processed in chunks."""
+    _int8_moments(src, dst, grad, hp, step, grad_mul, row_len, dtype, lambda p, first: p)
+
+
+def bf16_master_int8_step(src: dict[str, Tensor], dst: dict[str, Tensor], grad: Tensor, hp: AdamWHyper,
+                          step: int, grad_mul: float, row_len: int, dtype: torch.dtype = torch.float32,
+                          sr: tuple[int, int] = (0, 0)) -> None:
+    """bf16 master, no compensation: the stepped master in fp32 is rounded stochastically to bf16
+    (optim/stochastic.py; ``sr`` = (the parameter's stream key, global index of the shard's first
+    element)); m and sqrt(v) as int8-moments keeps them."""
+    key, offset = sr
+
+    def store(p: Tensor, first: int) -> Tensor:
+        return stochastic_bf16(p.to(torch.float32), key, step, offset + first)
+
+    _int8_moments(src, dst, grad, hp, step, grad_mul, row_len, dtype, store)
+
+
+def _int8_moments(src: dict[str, Tensor], dst: dict[str, Tensor], grad: Tensor, hp: AdamWHyper, step: int,
+                  grad_mul: float, row_len: int, dtype: torch.dtype,
+                  store_master: Callable[[Tensor, int], Tensor]) -> None:
+    """AdamW with m and sqrt(v) block-quantized, in chunks of rows; ``store_master(p, first)`` turns the
+    stepped master of elements ``first ..`` of the shard into what is stored."""
     rows = grad.numel() // row_len if row_len else 0
     per = max(CHUNK // max(row_len, 1), 1)
     flat = {k: t.reshape(rows, -1) for k, t in src.items()}
@@ -52,7 +78,7 @@ def int8_moments_step(src: dict[str, Tensor], dst: dict[str, Tensor], grad: Tens
         m_codes, m_scale = quantize_m(m, row_len)
         r_codes, r_scale = quantize_r(r, row_len)
         o = {k: t[sl] for k, t in out.items()}
-        o["master"].copy_(p)
+        o["master"].copy_(store_master(p, r0 * row_len))
         o["exp_avg"].copy_(m_codes)
         o["exp_avg_scale"].copy_(m_scale)
         o["exp_avg_sq"].copy_(r_codes)

@@ -36,6 +36,12 @@ class StateFormat:
     tail: str  # format of the GPU-tail buckets
     kernel: str  # the native module's function
     exact: bool  # exact AdamW (to fp32 rounding)
+    stochastic: bool = False  # the master is stochastically rounded (the kernel takes a stream key and offset)
+
+    @property
+    def blocked(self) -> bool:
+        """Some buffers are per quantization block (the kernel takes the row length and block size)."""
+        return any(b.per_block for b in self.buffers)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -81,28 +87,33 @@ class StateFormat:
 
 _FP32_MOMENTS = (Buffer("exp_avg", torch.float32), Buffer("exp_avg_sq", torch.float32))
 _BF16_MOMENTS = (Buffer("exp_avg", torch.bfloat16), Buffer("exp_avg_sq", torch.bfloat16))
+_INT8_MOMENTS = (Buffer("exp_avg", torch.int8), Buffer("exp_avg_scale", torch.float32, per_block=True),
+                 Buffer("exp_avg_sq", torch.uint8), Buffer("exp_avg_sq_scale", torch.float32, per_block=True))
 
 FORMATS: dict[str, StateFormat] = {f.name: f for f in (
     StateFormat("fp32", (Buffer("master", torch.float32, link=True), *_FP32_MOMENTS), tail="fp32",
                 kernel="adamw_step", exact=True),
     StateFormat("bf16-moments", (Buffer("master", torch.float32, link=True), *_BF16_MOMENTS), tail="fp32",
                 kernel="adamw_step_bf16_moments", exact=False),
-    StateFormat("int8-moments", (Buffer("master", torch.float32, link=True), Buffer("exp_avg", torch.int8),
-                                 Buffer("exp_avg_scale", torch.float32, per_block=True),
-                                 Buffer("exp_avg_sq", torch.uint8),
-                                 Buffer("exp_avg_sq_scale", torch.float32, per_block=True)),
+    StateFormat("int8-moments", (Buffer("master", torch.float32, link=True), *_INT8_MOMENTS),
                 tail="int8-moments", kernel="adamw_step_int8_moments", exact=False),
     StateFormat("bf16-master", (Buffer("master", torch.bfloat16, link=True), Buffer("master_comp", torch.bfloat16),
                                 *_BF16_MOMENTS),
                 tail="bf16-master", kernel="adamw_step_bf16_master", exact=False),
+    # Its GPU tail is int8-moments': the cheapest tail there is (10.03 B/param with the tail's fp32 slot, vs
+    # 12 for bf16-master's), with the same moment codes and scales, so moving a bucket there copies its
+    # state exactly (the bf16 master widens), and an fp32 master needs no random bits on the GPU.
+    StateFormat("bf16-master-int8", (Buffer("master", torch.bfloat16, link=True), *_INT8_MOMENTS),
+                tail="int8-moments", kernel="adamw_step_bf16_master_int8", exact=False, stochastic=True),
 )}
 
 
 def native_step(module, fmt: StateFormat, src: dict[str, Tensor], dst: dict[str, Tensor], grad: Tensor,
-                hp: AdamWHyper, step: int, grad_mul: float, row_len: int) -> None:
-    """One step of heavylift's CPU kernel for ``fmt``: reads ``src``, writes ``dst`` (may be ``src``)."""
-    blocks = (row_len, BLOCK) if fmt.name == "int8-moments" else ()
-    getattr(module, fmt.kernel)(*(src[k] for k in fmt.kinds), grad, *(dst[k] for k in fmt.kinds), *blocks,
+                hp: AdamWHyper, step: int, grad_mul: float, row_len: int, sr: tuple[int, int] = (0, 0)) -> None:
+    """One step of heavylift's CPU kernel for ``fmt``: reads ``src``, writes ``dst`` (may be ``src``).
+    ``sr``: a stochastically rounded master's (stream key, global index of the shard's first element)."""
+    extra = ((row_len, BLOCK) if fmt.blocked else ()) + (tuple(sr) if fmt.stochastic else ())
+    getattr(module, fmt.kernel)(*(src[k] for k in fmt.kinds), grad, *(dst[k] for k in fmt.kinds), *extra,
                                 hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, step, grad_mul)
 
 

@@ -25,7 +25,8 @@ def load():
             from torch.utils.cpp_extension import load as build
 
             csrc = os.path.join(os.path.dirname(__file__), "csrc")
-            src = [os.path.join(csrc, f) for f in ("adamw_cpu.cpp", "adamw_int8.cpp", "adamw_bf16_master.cpp")]
+            src = [os.path.join(csrc, f) for f in ("adamw_cpu.cpp", "adamw_int8.cpp", "adamw_bf16_master.cpp",
+                                                       "adamw_bf16_master_int8.cpp")]
             _module = build(
                 name="heavylift_adamw_cpu", sources=src, extra_include_paths=[csrc],
                 extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],

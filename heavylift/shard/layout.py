@@ -35,3 +35,10 @@ def local_shape(shape: torch.Size, rank: int, world_size: int) -> torch.Size:
         return torch.Size([1 if rank == 0 else 0])
     start, stop = shard_row_range(shape[0], rank, world_size)
     return torch.Size([stop - start, *shape[1:]])
+
+
+def first_element(shape: torch.Size, rank: int, world_size: int) -> int:
+    """Index, in the full parameter (row-major), of the first element of ``rank``'s shard."""
+    if len(shape) == 0:
+        return 0
+    return shard_row_range(shape[0], rank, world_size)[0] * math.prod(shape[1:])

@@ -80,7 +80,7 @@ def test_gpu_tail_step_matches_the_float64_reference(fmt):
         assert all(w <= 1 for w in worst.values()), (side, worst)
 
 
-@pytest.mark.parametrize("fmt", ["bf16-moments", "int8-moments", "bf16-master"])
+@pytest.mark.parametrize("fmt", ["bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8"])
 def test_compact_formats_train_close_to_the_reference(fmt):
     """bf16 compute, clip on, 60% of the buckets on the host (pinned, native kernel, speculation) and the
     rest a GPU tail in the tail format; against fp32 master weights and torch's AdamW on the GPU."""
@@ -101,4 +101,4 @@ def test_compact_formats_train_close_to_the_reference(fmt):
     stats = dict(engine.pipeline.stats)
     engine.close()
     print(f"{fmt}: relative update error {diff:.3e}, max loss gap {max(gaps):.3e}, {stats}")
-    assert diff <= 0.1 and max(gaps) < 5e-2
+    assert diff <= (0.15 if fmt == "bf16-master-int8" else 0.1) and max(gaps) < 5e-2  # SR noise: CPU tests

@@ -19,8 +19,11 @@ CASE = Case("checkpoint", max_norm=1.0, weight_decay=0.1, schedule="warmup_cosin
             lr=3e-3)
 
 
-def new_engine(seed: int = 0, case: Case = CASE):
-    engine, _, _, _ = heavylift.initialize(model=tiny_model(seed=seed, unused=case.unused_param), config=engine_config(case))
+def new_engine(seed: int = 0, case: Case = CASE, engine_seed: int = 0):
+    """``seed``: the model's initial weights; ``engine_seed``: engine.seed (a stochastically rounded master's bits)."""
+    config = engine_config(case)
+    config.seed = engine_seed
+    engine, _, _, _ = heavylift.initialize(model=tiny_model(seed=seed, unused=case.unused_param), config=config)
     return engine
 
 

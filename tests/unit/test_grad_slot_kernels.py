@@ -8,7 +8,8 @@ import torch
 
 from heavylift.optim import native
 from heavylift.optim.adamw import AdamWHyper
-from heavylift.optim.compact import adamw_math, bf16_master_step, int8_moments_step, split_bf16
+from heavylift.optim.compact import (adamw_math, bf16_master_int8_step, bf16_master_step, int8_moments_step,
+                                    split_bf16)
 from heavylift.optim.formats import FORMATS, master_fp32, native_step
 from heavylift.optim.quant import quantize_m, quantize_r
 
@@ -32,6 +33,8 @@ def _state(fmt: str, seed: int) -> dict[str, torch.Tensor]:
         return dict(master=hi, master_comp=lo, exp_avg=m.bfloat16(), exp_avg_sq=(r * r).bfloat16())
     mq, ms = quantize_m(m, ROW_LEN)
     rq, rs = quantize_r(r, ROW_LEN)
+    if fmt == "bf16-master-int8":
+        p = p.bfloat16()
     return dict(master=p, exp_avg=mq, exp_avg_scale=ms, exp_avg_sq=rq, exp_avg_sq_scale=rs)
 
 
@@ -47,6 +50,8 @@ def _reference(fmt: str, src: dict, g: torch.Tensor, step: int, grad_mul: float)
         int8_moments_step(src, ref, g, HP, step, grad_mul, ROW_LEN, dtype=torch.float64)
     elif fmt == "bf16-master":
         bf16_master_step(src, ref, g, HP, step, grad_mul, dtype=torch.float64)
+    elif fmt == "bf16-master-int8":  # the same random bits as the kernel's (stream key 0, offset 0)
+        bf16_master_int8_step(src, ref, g, HP, step, grad_mul, ROW_LEN, dtype=torch.float64)
     else:
         p, m, v, _ = adamw_math(src["master"].double(), src["exp_avg"].double(), src["exp_avg_sq"].double(),
                                 g.double() * grad_mul, HP, step)
@@ -57,7 +62,8 @@ def _reference(fmt: str, src: dict, g: torch.Tensor, step: int, grad_mul: float)
 
 def _check_against_reference(fmt: str, src: dict, out: dict, ref: dict, g: torch.Tensor, grad_mul: float) -> None:
     g = g.double() * grad_mul
-    if fmt != "int8-moments":  # what fp32 rounding is relative to (m may cancel)
+    int8 = fmt in ("int8-moments", "bf16-master-int8")
+    if not int8:  # what fp32 rounding is relative to (m may cancel)
         mags = {"exp_avg": src["exp_avg"].double().abs() * HP.beta1 + g.abs() * (1 - HP.beta1),
                 "exp_avg_sq": src["exp_avg_sq"].double() * HP.beta2 + g * g * (1 - HP.beta2)}
     p0 = master_fp32(src).double()
@@ -69,10 +75,13 @@ def _check_against_reference(fmt: str, src: dict, out: dict, ref: dict, g: torch
         assert (err <= 1e-5 * HP.lr + p_ref.abs() * 2.4e-7).all()
     elif fmt == "bf16-master":  # the compensation's own bf16 rounding (test_bf16_master.py)
         assert (err <= p_ref.abs() * 2.0**-15 + (p0.abs() + update) * 2.0**-21).all()
+    elif fmt == "bf16-master-int8":  # the same bf16 neighbour, but where fp32 rounding crosses the threshold
+        assert (out["master"] != ref["master"]).float().mean() < 1e-3
+        assert (err <= p_ref.abs() * 2.0**-7).all()
     else:  # fp32 arithmetic on the same inputs (test_int8_moments.py's 32 ulps cover every format)
         assert (err <= 32 * ULP * (p0.abs() + update)).all()
     for k in ("exp_avg", "exp_avg_sq"):
-        if fmt == "int8-moments":  # codes: neighbours at most, and rarely
+        if int8:  # codes: neighbours at most, and rarely
             d = (out[k].int() - ref[k].int()).abs()
             assert d.max() <= 1 and (d > 0).float().mean() < 1e-3, k
         elif fmt == "fp32":  # fp32 rounding of the inputs' magnitudes (m may cancel)

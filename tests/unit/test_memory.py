@@ -238,7 +238,7 @@ def test_state_formats_built_are_those_the_config_accepts():
     assert {n for n, f in STATE_FORMATS.items() if f.built} == {n for n in STATE_FORMATS if accepted(n)}
 
 
-@pytest.mark.parametrize("name", ["fp32", "bf16-moments", "int8-moments", "bf16-master"])
+@pytest.mark.parametrize("name", ["fp32", "bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8"])
 def test_state_format_table_is_the_store_layout(name):
     """The planner's bytes/param are what offload/store.py allocates per host parameter."""
     import torch
@@ -263,7 +263,8 @@ def test_state_format_table_is_the_store_layout(name):
 def test_70b_on_the_4_gpu_box_needs_the_6_byte_layout():
     """Llama-3.3-70B shape, 4 x H100, 512 GiB (session 3). bf16 gradient slots (auto: bf16 compute) and the
     tail placed at init take int8-moments from 665 to 537 GiB per node: still over the box's RAM, so it is
-    not offered as fitting; the planned 6-byte layout (bf16 master, int8 moments, bf16 slot) fits, not built."""
+    not offered as fitting; the 6-byte layout (bf16-master-int8: bf16 master, int8 moments, bf16 slot) fits
+    and is chosen."""
     p = estimate("llama-3-70b", Setup(gpus_per_node=4, seq=4096, mbs=1, state_format="auto"), H100_4)
     opts = {o.name: o for o in p.formats}
     assert round(p.shape.params / 1e9, 1) == 70.6
@@ -273,7 +274,9 @@ def test_70b_on_the_4_gpu_box_needs_the_6_byte_layout():
     assert 512 * GiB < opts["int8-moments"].host_node < 540 * GiB
     assert opts["bf16-master-int8"].verdict == "fits" and opts["bf16-master-int8"].host_node < 420 * GiB
     chosen, why = p.format_choice
-    assert chosen == "bf16-master-int8" and "not built yet" in why and "int8-moments needs 537 GiB" in why
+    assert opts["bf16-master-int8"].built and opts["bf16-master-int8"].bytes_per_param == pytest.approx(6.03125)
+    assert chosen == "bf16-master-int8" and "not built" not in why and "int8-moments needs 537 GiB" in why
+    assert "bf16-master-int8 fits on 1 node(s) with 512 GiB" in why
     assert p.tail_params > 0  # the root unit's state is on the GPU from init
     assert p.verdicts["gpu"] == "fits"
     fp32_slot = estimate("llama-3-70b", Setup(gpus_per_node=4, seq=4096, mbs=1, state_format="auto",
@@ -315,6 +318,7 @@ def test_70b_on_two_4_gpu_boxes_picks_fp32():
 
 def test_a_new_state_format_is_one_table_line(monkeypatch):
     from heavylift.memory import STATE_FORMATS, StateFormat
+    monkeypatch.delitem(STATE_FORMATS, "bf16-master-int8")  # fits too, and comes first
     monkeypatch.setitem(STATE_FORMATS, "tiny-test", StateFormat(master=2, moments=1, grad=2))  # 5 B/param
     p = estimate("llama-3-70b", Setup(gpus_per_node=4, seq=4096, mbs=1, state_format="auto"), H100_4)
     assert p.format_choice[0] == "tiny-test" and p.fits
@@ -333,12 +337,13 @@ def test_cli_70b_on_4_gpus(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "70.55 B params" in out and "4 rank(s)" in out and "host fits" in out
-    assert "fp32           14.00 B/param (slot 2)" in out and "-> bf16-master-int8" in out and "not built yet" in out
+    assert "fp32              14.00 B/param (slot 2)" in out and "-> bf16-master-int8   6.03 B/param" in out
+    assert "not built" not in out
     assert "link 2 B/p down" in out
     assert main(args + ["--grad-slot", "fp32"]) == 0
     out = capsys.readouterr().out
-    assert "fp32           16.00 B/param (slot 4)" in out and "no state format fits" in out
-    assert "needs 545 GiB per node (33 GiB over)" in out
+    assert "fp32              16.00 B/param (slot 4)" in out and "no state format fits" in out
+    assert "the smallest, bf16-master-int8 (8.03 B/param), needs 537 GiB per node (25 GiB over)" in out
     assert main(args + ["--nodes", "2"]) == 0
     out = capsys.readouterr().out
     assert "-> fp32" in out and "state fp32" in out

@@ -26,6 +26,12 @@ void adamw_step_bf16_master(const at::Tensor& p_in, const at::Tensor& c_in, cons
                             const at::Tensor& c_out, const at::Tensor& m_out, const at::Tensor& v_out,
                             double lr, double beta1, double beta2, double eps, double weight_decay,
                             int64_t step, double grad_mul);
+void adamw_step_bf16_master_int8(const at::Tensor& p_in, const at::Tensor& m_in, const at::Tensor& ms_in,
+                                 const at::Tensor& v_in, const at::Tensor& vs_in, const at::Tensor& grad,
+                                 const at::Tensor& p_out, const at::Tensor& m_out, const at::Tensor& ms_out,
+                                 const at::Tensor& v_out, const at::Tensor& vs_out, int64_t row_len,
+                                 int64_t block, int64_t key, int64_t offset, double lr, double beta1,
+                                 double beta2, double eps, double weight_decay, int64_t step, double grad_mul);
 }  // namespace heavylift
 
 namespace {
@@ -178,5 +184,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("adamw_step_bf16_master", &heavylift::adamw_step_bf16_master,
         "out-of-place fused AdamW step, bf16 master with a bf16 Kahan compensation, bf16 moments",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("adamw_step_bf16_master_int8", &heavylift::adamw_step_bf16_master_int8,
+        "out-of-place fused AdamW step, bf16 master stochastically rounded, m and sqrt(v) block-quantized to 8 bits",
         py::call_guard<py::gil_scoped_release>());
 }
