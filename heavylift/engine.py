@@ -74,7 +74,9 @@ def _coerce_config(config: EngineConfig | dict | str | None) -> EngineConfig:
         return validate(config)
     from heavylift.config.deepspeed import from_deepspeed
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    # The batch keys are per world: before the engine joins the group (a script's first initialize under
+    # torchrun), the group's size is torchrun's WORLD_SIZE, as `heavylift train` reads it, not 1.
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     cfg, notes = from_deepspeed(config, world_size=world)
     for note in notes:
         log.info("deepspeed config: %s", note)

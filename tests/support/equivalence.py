@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import heavylift
 from heavylift.config import EngineConfig
+from heavylift.dist.env import init_dist
 from heavylift.shard.gather import gather_full
 from heavylift.optim.formats import moments_fp32
 from heavylift.optim.schedule import lr_multiplier
@@ -112,9 +113,17 @@ def batches(step: int, micro: int, world: int) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (MBS, SEQ), generator=g) for _ in range(world)]
 
 
+def world_and_rank() -> tuple[int, int]:
+    """This process's rank count and rank, joining the process group first (as the engine will): read
+    before the group exists, a spawned rank's first case would see 1 and 0, and every rank would train
+    on batch 0 beside a reference that sees only batch 0."""
+    if not dist.is_initialized():
+        init_dist()
+    return dist.get_world_size(), dist.get_rank()
+
+
 def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False) -> dict:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = world_and_rank()
     ec = engine_config(case)
     model = tiny_model(unused=case.unused_param)
     ref = copy.deepcopy(model)
@@ -190,8 +199,7 @@ def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False)
 def train_state(case: Case) -> dict:
     """Train ``case`` with no reference beside it: every state tensor this rank owns afterwards, the norms,
     the pipeline's counts and the gradient slot's dtype (rank r trains on batch r, as run_case)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = world_and_rank()
     model = tiny_model()
     flag = {"on": False}
     model.model.layers[0].mlp.register_forward_hook(_nan_hook(flag))

@@ -458,3 +458,14 @@ def test_unknown_top_level_key(key, suggest):
     err = raises(minimal(**{key: 1}), key)
     if suggest:
         assert f"did you mean '{suggest}'" in str(err)
+
+
+def test_initialize_counts_torchruns_ranks_before_the_group_exists(monkeypatch):
+    """heavylift.initialize with a DeepSpeed config, first thing in a torchrun rank: the batch keys are
+    divided by torchrun's WORLD_SIZE, not by the 1 rank of a group that does not exist yet."""
+    from heavylift import engine
+
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = engine._coerce_config(minimal(train_batch_size=8, train_micro_batch_size_per_gpu=2))
+    assert (cfg.batch.micro_batch_size, cfg.batch.grad_accum) == (2, 2)
