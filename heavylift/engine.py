@@ -298,7 +298,7 @@ class Engine:
         local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
         avail = None if o.nvme_ratio is not None else self._min_over_ranks(mem_available_bytes())
         return nvme_split([s.numel for s in host_specs], self.state_format, o.nvme_ratio, avail, local,
-                          o.nvme_buffers)
+                          o.nvme_buffers, grad_slot.slot_bytes(self.grad_slot))
 
     def describe_placement(self) -> str:
         """The startup plan's line: where each bucket's optimizer state lives."""

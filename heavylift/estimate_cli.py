@@ -4,12 +4,18 @@
                        [--tail-ratio r] [--no-ac] [--no-speculate] [--state-format auto|fp32|bf16-moments|...]
                        [--grad-slot auto|fp32|bf16]
                        [--gpu-mem-gib G] [--host-mem-gib H]
+                       [--nvme PATH | --nvme-free-gib D] [--nvme-ratio R] [--nvme-buffers N] [--nvme-gbs B]
                        [--gpu-tflops F] [--cpu-params-per-s R] [--link-gbs W]
 
 ``--tail-ratio`` is the fraction of parameters whose optimizer state stays on the GPU (1 - engine.offload.ratio);
 left out, the engine's automatic choice. ``--state-format auto`` (the default) plans with the first
 format, most exact first, whose host state fits, and the output says why; every format is listed. ``--gpu-mem-gib``/``--host-mem-gib`` describe another machine
 (per GPU; host RAM per node); without them this machine is measured. Rates not given are probed here.
+
+``--nvme PATH`` plans ``offload.device nvme`` with ``offload.nvme_path`` PATH: the host buckets' state that RAM
+does not hold (the engine's rule, or ``--nvme-ratio`` of it) goes in a state file per rank there; the verdict
+is against PATH's free space and the floor gains the disk's time, from a 256 MiB write + read probe in PATH
+unless ``--nvme-gbs`` states it. ``--nvme-free-gib`` describes another machine's disk (device nvme, no probe).
 """
 
 from __future__ import annotations
@@ -49,6 +55,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="describe a machine: memory per GPU")
     p.add_argument("--host-mem-gib", type=float, default=None, help="describe a machine: host RAM per node")
+    p.add_argument("--nvme", metavar="PATH", default="",
+                   help="offload.device nvme with offload.nvme_path PATH (its free space is checked, its speed probed)")
+    p.add_argument("--nvme-free-gib", type=float, default=None,
+                   help="describe a machine: free GiB on its NVMe drive (implies offload.device nvme)")
+    p.add_argument("--nvme-ratio", type=float, default=None,
+                   help="offload.nvme_ratio: fraction of host-stepped params on NVMe (default: what RAM does not hold)")
+    p.add_argument("--nvme-buffers", type=int, default=3, help="offload.nvme_buffers: buffer sets in the ring")
+    p.add_argument("--nvme-gbs", type=float, default=None,
+                   help="the NVMe drive's read + write GB/s (default: a 256 MiB probe in --nvme PATH, else 2)")
     p.add_argument("--gpu-tflops", type=float, default=None, help="bf16 rate per GPU (default: probe/746)")
     p.add_argument("--cpu-params-per-s", type=float, default=None,
                    help="fused CPU AdamW rate of the host, params/s (default: a ~1 s probe here)")
@@ -59,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     from heavylift.memory import Setup, estimate, probe_rates, render, this_machine
     a = parser().parse_args(argv)
-    for key in ("gpu_mem_gib", "host_mem_gib", "gpu_tflops", "cpu_params_per_s", "link_gbs"):
+    for key in ("gpu_mem_gib", "host_mem_gib", "gpu_tflops", "cpu_params_per_s", "link_gbs", "nvme_free_gib",
+                "nvme_gbs"):
         value = getattr(a, key)
         if value is not None and not value > 0:
             raise HeavyliftError(f"estimate: --{key.replace('_', '-')} must be > 0, not {value}")
@@ -68,11 +84,21 @@ def run(argv: list[str]) -> int:
                   loss_chunk_tokens=a.loss_chunk_tokens,
                   tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2,
                   compute_dtype=a.dtype, grad_slot=a.grad_slot,
-                  load_bytes=4 if a.model == "default" else 0)  # as heavylift train loads it
+                  load_bytes=4 if a.model == "default" else 0,  # as heavylift train loads it
+                  offload_device="nvme" if a.nvme or a.nvme_free_gib is not None else "cpu",
+                  nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers)
     from heavylift.memory import _check_setup
     _check_setup(setup)  # bad numbers fail before the model is read or anything is probed
-    machine = this_machine(a.gpu_mem_gib, a.host_mem_gib)
-    rates = probe_rates(a.gpu_tflops, a.cpu_params_per_s, a.link_gbs)
+    if a.nvme:
+        from heavylift.config.errors import ConfigError
+        from heavylift.offload.nvme import check_nvme_path
+        try:
+            check_nvme_path(a.nvme, 0)
+        except ConfigError as e:
+            raise HeavyliftError(f"estimate: --nvme {a.nvme}: use {e.allowed}") from None
+    machine = this_machine(a.gpu_mem_gib, a.host_mem_gib, nvme_path=a.nvme, nvme_free_gib=a.nvme_free_gib)
+    rates = probe_rates(a.gpu_tflops, a.cpu_params_per_s, a.link_gbs, nvme_gbs=a.nvme_gbs,
+                        nvme_path=a.nvme if setup.offload_device == "nvme" else "")
     p = estimate(a.model, setup, machine, rates)
     print(render(p, machine, rates))
     return 0

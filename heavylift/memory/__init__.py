@@ -29,8 +29,16 @@ pinned caching allocator, which rounds each block up to a power of two), pageabl
 compensation term), the speculation's second buffer set (dropped by the engine when it does not fit),
 what loading holds (a meta model, as ``heavylift train`` builds it: the largest unit drawn in fp32; a
 model loaded whole: all of it, on every rank, until sharded) and a fixed runtime overhead (CUDA/torch
-libraries). NVMe: 0 (no NVMe tier yet). ``estimate`` plans every format alike and picks the first, most
-exact first, whose host state fits (formats.py).
+libraries). ``estimate`` plans every format alike and picks the first, most exact first, whose host state
+fits in RAM alone, else (offload.device nvme) the first that fits with part of it on NVMe (formats.py).
+
+NVMe (offload.device nvme), per rank: the host buckets the engine puts on NVMe are chosen by the engine's
+own pure rule (offload/preflight.py ``nvme_split``: offload.nvme_ratio of the host parameters in whole
+buckets, or, auto, the fewest that let the rest fit 85% of MemAvailable as the engine will see it). Their
+state (master, moments, scales) is the rank's state file (4 KiB-aligned regions, offload/nvme.py) and
+leaves the host rows; their gradient slot stays in RAM, pinned; the ring adds offload.nvme_buffers sets of
+the largest NVMe bucket's state (its master pinned). The verdict is the node's files plus the engine's
+1 GiB margin against the free space of offload.nvme_path (or ``--nvme-free-gib``).
 
 Step-time floor (hardware.md's model), per optimizer step, T = tokens per step over all ranks:
 - T_gpu  = k P T / (N F), k = 8 with activation recompute, 6 without; F = bf16 matmul rate per GPU.
@@ -42,15 +50,18 @@ Step-time floor (hardware.md's model), per optimizer step, T = tokens per step o
   step (6 with a bf16 master, uploaded as it is). The two directions run on separate streams at once;
   the H100 box moves 84.8 GB/s both ways together against 55 GB/s one way, so
   T_link = 8 P_host_rank / (DUPLEX x W), DUPLEX = 1.55.
-- floor = max of the three (they overlap); the serial sum is what an offload that does not overlap pays.
+- T_nvme = 2 x state file bytes x ranks per node / disk GB/s: NVMe buckets never speculate, so their state
+  is read once and written once per step, by every rank of the node on the one disk; the rate is a 256 MiB
+  write + read through StateFile in nvme_path (O_DIRECT), or stated (``--nvme-gbs``).
+- floor = max of the four (they overlap); the serial sum is what an offload that does not overlap pays.
 """
 
 from __future__ import annotations
 
-from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX, STATE_FORMATS, TAIL_BYTES, StateFormat)  # noqa: F401
+from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX, STATE_FORMATS, TAIL_BYTES, StateFormat)  # noqa: F401
 from heavylift.memory.model import (ModelShape, _default_model_config, model_shape, resolve_config, shape_of_model)  # noqa: F401
-from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, estimate, floor_times, format_line, plan, suggest)  # noqa: F401
+from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, estimate, floor_times, format_line, nvme_file_bytes, nvme_need, plan, suggest)  # noqa: F401
 from heavylift.memory.render import render  # noqa: F401
-from heavylift.memory.machine import (_probe_adamw, _probe_link, _probe_matmul, mem_available, memlock_limit, probe_rates, this_machine)  # noqa: F401
+from heavylift.memory.machine import (_probe_adamw, _probe_link, _probe_matmul, disk_free, mem_available, memlock_limit, probe_nvme, probe_rates, this_machine)  # noqa: F401
 from heavylift.memory.preflight import (check_train, setup_for_train)  # noqa: F401
 from heavylift.memory.formats import (FormatOption, choose, format_options)  # noqa: F401

@@ -50,6 +50,11 @@ class StateFormat:
         """Bytes over the link per parameter per step: the gradient down, the master up."""
         return self.grad + self.master
 
+    @property
+    def back_bytes(self) -> float:
+        """optim/formats.py's name for it, which offload/preflight.py's ``nvme_split`` reads."""
+        return self.second_set
+
 
 def _planner_view(name: str) -> StateFormat:
     """The store's format (heavylift/optim/formats.py, what it allocates) as the planner counts it."""
@@ -94,6 +99,12 @@ DEFAULT_LINK_GBS = 50.0
 
 
 DEFAULT_GPU_TFLOPS = 746.0  # H100 bf16 matmul 8192^3 measured (hardware.md), when no GPU can be probed
+
+
+DEFAULT_NVME_GBS = 2.0  # read + write GB/s of a disk not probed (this dev box's virtio disk: 2.0 write, 1.7 read)
+
+
+NVME_UNCERTAINTY = 0.02  # the state files' size is the store's layout; per-block scales of ragged rows add a little
 
 
 AUTO_TAIL_CARD_FRACTION = 0.10  # engine._auto_first_tail without a sequence length

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import (
-    CUDA_CONTEXT_BYTES, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
-    FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS,
+    CUDA_CONTEXT_BYTES, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
+    FP32_ADAMW_TRAFFIC, LINK_DUPLEX, NVME_UNCERTAINTY, STATE_FORMATS,
 )
 from heavylift.memory.constants import StateFormat as HostFormat
 from heavylift.memory.model import ModelShape, model_shape
+from heavylift.offload.nvme import DISK_MARGIN, file_bytes, region_layout
+from heavylift.offload.preflight import nvme_split
 from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move
 from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS, StateFormat
+from heavylift.optim.quant import BLOCK
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,12 @@ class Setup:
     load_bytes: int = 0
     # engine.loss_chunk_tokens: 0 is the model's own loss (fp32 logits for the whole batch)
     loss_chunk_tokens: int = 8192
+    # offload.device: "nvme" keeps the state of the host buckets that do not fit in RAM in files (offload/nvme.py)
+    offload_device: str = "cpu"
+    # offload.nvme_ratio: fraction of the host buckets' parameters on NVMe; None: the engine's rule
+    # (offload/preflight.py nvme_split: as much in RAM as fits 85% of MemAvailable)
+    nvme_ratio: float | None = None
+    nvme_buffers: int = 3  # offload.nvme_buffers: buffer sets in the ring, each the size of the largest NVMe bucket
 
     @property
     def world(self) -> int:
@@ -63,6 +72,8 @@ class Machine:
     memlock_bytes: int | None = None  # ``ulimit -l``; None: unlimited
     has_cuda: bool = False
     gpu_name: str = ""
+    nvme_free_bytes: int | None = None  # free space at offload.nvme_path (or --nvme-free-gib)
+    nvme_path: str = ""
 
     @property
     def gpu_usable(self) -> int | None:
@@ -79,6 +90,8 @@ class Rates:
     cpu_params_per_s: float  # whole host
     link_gbs: float  # per GPU, one direction
     sources: tuple[str, str, str] = ("given", "given", "given")
+    nvme_gbs: float = DEFAULT_NVME_GBS  # the disk at offload.nvme_path, reads and writes together, per node
+    nvme_source: str = "assumed"
 
 
 @dataclass
@@ -91,7 +104,7 @@ class Plan:
     host: dict[str, int]  # per rank
     host_peak_rank: int
     host_peak_node: int
-    nvme: int
+    nvme: int  # per rank: the state file of its NVMe buckets (master + moments + scales, 4 KiB-aligned regions)
     tail_params: int  # per rank
     host_params: int  # per rank
     speculate: bool  # snapshot kept
@@ -103,6 +116,8 @@ class Plan:
     formats: list = field(default_factory=list)  # memory.formats.FormatOption per state format
     format_choice: tuple[str, str] = ("", "")  # (the format that fits, why)
     gpu_settled: int = 0  # on CUDA with the automatic placement: the peak once it has spent the card
+    nvme_params: int = 0  # per rank: parameters whose state is on NVMe (part of host_params)
+    pinned: int = 0  # per rank: page-locked host bytes (what `ulimit -l` must allow)
 
     @property
     def fits(self) -> bool:
@@ -268,29 +283,38 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     peak_phase = max(phases, key=phases.get)
     gpu_items = loss_phase if peak_phase == "loss" else block_phase
 
-    # ---- host ----
+    # ---- host (and NVMe) ----
     fmt = host_format(setup)
-    pinned = int(fmt.pinned * host_params)  # exact: the store page-locks its own buffers (offload/pinned.py)
-    pageable = int(fmt.pageable * host_params)
     # The whole model as loaded, or (meta) the largest unit drawn in fp32 / the largest tensor shard read.
     load = setup.load_bytes * shape.params if setup.load_bytes else 4 * shape.max_unit_params
-    snapshot = int(fmt.second_set * host_params)  # second master + moments (12 B/param for fp32)
-    speculate = setup.speculate
     avail = machine.host_available_bytes
     notes: list[str] = []
     # The engine decides after the model is loaded, from MemAvailable then, per rank.
     avail_then = None if avail is None else avail - setup.gpus_per_node * (load + HOST_RUNTIME_BYTES)
-    if speculate and avail_then is not None and \
-            setup.gpus_per_node * host_params * (fmt.host + fmt.second_set) > 0.9 * avail_then:
+    on_disk = [b.numel for b in host_buckets[:nvme_buckets(host_buckets, setup, avail_then)]]
+    nvme_params = sum(on_disk)
+    ram_params = host_params - nvme_params  # NVMe buckets keep only their gradient slot in RAM (pinned)
+    ring = setup.nvme_buffers * max(on_disk, default=0)  # params of the ring's buffer sets (all state kinds)
+    pinned = int(fmt.pinned * ram_params)  # exact: the store page-locks its own buffers (offload/pinned.py)
+    snapshot = int(fmt.second_set * ram_params)  # second master + moments (12 B/param for fp32); never for NVMe
+    speculate = setup.speculate
+    # as the engine's _preflight: the RAM buckets' two sets, the NVMe buckets' slots and the ring
+    both_sets = ram_params * (fmt.host + fmt.second_set) + nvme_params * fmt.grad + ring * fmt.second_set
+    if speculate and avail_then is not None and setup.gpus_per_node * both_sets > 0.9 * avail_then:
         speculate = False
         notes.append(f"speculation buffer set ({snapshot / GiB:.1f} GiB/rank) does not fit beside the state: "
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
-    back_pinned = int(fmt.master * host_params)  # the second set's master is uploaded from: pinned
-    host = {("pinned: " if setup.pin else "") + "master + grad slot (+ back master)": pinned + back_pinned * speculate,
-            "pageable: exp_avg + exp_avg_sq" + (" + compensation" if fmt.compensation else ""): pageable,
-            "pageable: speculation buffer set (less its master)": (snapshot - back_pinned) if speculate else 0,
-            "model as loaded (until sharded)" if setup.load_bytes else "model loading: largest unit, fp32": load,
-            "runtime (torch, CUDA, allocator)": HOST_RUNTIME_BYTES}
+    back_pinned = int(fmt.master * ram_params)  # the second set's master is uploaded from: pinned
+    pin = "pinned: " if setup.pin else ""
+    host = {pin + "master + grad slot (+ back master)": pinned + back_pinned * speculate,
+            "pageable: exp_avg + exp_avg_sq" + (" + compensation" if fmt.compensation else ""):
+                int(fmt.pageable * ram_params),
+            "pageable: speculation buffer set (less its master)": (snapshot - back_pinned) if speculate else 0}
+    if setup.offload_device == "nvme":
+        host[pin + "NVMe buckets: grad slot"] = int(fmt.grad * nvme_params)
+        host[f"NVMe ring: {setup.nvme_buffers} sets x largest NVMe bucket"] = int(fmt.second_set * ring)
+    host["model as loaded (until sharded)" if setup.load_bytes else "model loading: largest unit, fp32"] = load
+    host["runtime (torch, CUDA, allocator)"] = HOST_RUNTIME_BYTES
     if not machine.has_cuda and machine.gpu_total_bytes is None:  # training on the CPU: the device is RAM
         host["compute device = CPU (weights, activations)"] = phases[peak_phase]
     host_rank = sum(host.values())
@@ -304,16 +328,40 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
                         f"GPU tail first, blocks that keep their activations next; at most {moved / 1e9:.2f} B params "
                         f"leave the host, {moved * (fmt.host + fmt.second_set * speculate) / GiB:.1f} GiB of its state"))
     result = Plan(shape=shape, setup=setup, gpu=gpu_items, gpu_phases=phases, gpu_peak=phases[peak_phase],
-                  host=host, host_peak_rank=host_rank, host_peak_node=host_rank * setup.gpus_per_node, nvme=0,
-                  tail_params=tail_params, host_params=host_params, speculate=speculate, notes=notes,
-                  gpu_settled=settled)
+                  host=host, host_peak_rank=host_rank, host_peak_node=host_rank * setup.gpus_per_node,
+                  nvme=nvme_file_bytes(setup.state_format, on_disk), tail_params=tail_params,
+                  host_params=host_params, speculate=speculate, notes=notes, gpu_settled=settled,
+                  nvme_params=nvme_params,
+                  pinned=pinned + back_pinned * speculate + int(fmt.grad * nvme_params + fmt.master * ring))
     if rates is not None:
-        result.times = floor_times(shape, setup, host_params, rates)
+        result.times = floor_times(shape, setup, host_params, rates, result.nvme)
     _verdicts(result, machine)
     return result
 
 
-def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: Rates) -> dict[str, float]:
+def nvme_buckets(host_buckets: list, setup: Setup, available: int | None) -> int:
+    """How many host buckets (a prefix in arrival order) the engine puts on NVMe: offload/preflight.py's
+    ``nvme_split`` with this setup's settings, ``available`` being MemAvailable when the engine decides."""
+    if setup.offload_device != "nvme":
+        return 0
+    return nvme_split([b.numel for b in host_buckets], STATE_FORMATS[setup.state_format], setup.nvme_ratio,
+                      available, setup.gpus_per_node, setup.nvme_buffers, grad_slot.slot_bytes(slot_of(setup)))
+
+
+def nvme_file_bytes(name: str, numels: list[int]) -> int:
+    """Bytes of one rank's state file for NVMe buckets of ``numels`` parameters: each bucket a region of the
+    format's buffers (no gradient slot), each 4 KiB aligned (offload/nvme.py)."""
+    f = FORMATS.get(name)
+    regions = [[math.ceil(n * b.dtype.itemsize / (BLOCK if b.per_block else 1)) for b in f.buffers] if f else
+               [math.ceil(n * STATE_FORMATS[name].second_set)] for n in numels]
+    return file_bytes(region_layout(regions))
+
+
+def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: Rates,
+                nvme_rank: int = 0) -> dict[str, float]:
+    """Seconds per optimizer step of each resource, the floor (their max: they overlap) and the serial sum.
+    ``nvme_rank``: bytes of one rank's state file, read once and written once per step (NVMe buckets do
+    not speculate), by every rank of the node on the one disk."""
     k = 8 if setup.activation_checkpointing else 6
     t_gpu = k * shape.params * setup.tokens_per_step / (setup.world * rates.gpu_tflops * 1e12)
     fmt = host_format(setup)
@@ -321,8 +369,9 @@ def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: R
     # scales with its bytes of traffic.
     t_cpu = host_params_rank * setup.gpus_per_node * fmt.cpu_traffic / (FP32_ADAMW_TRAFFIC * rates.cpu_params_per_s)
     t_link = fmt.link * host_params_rank / (LINK_DUPLEX * rates.link_gbs * 1e9)
-    return {"gpu": t_gpu, "cpu": t_cpu, "link": t_link, "floor": max(t_gpu, t_cpu, t_link),
-            "serial": t_gpu + t_cpu + t_link}
+    t_nvme = 2 * nvme_rank * setup.gpus_per_node / (rates.nvme_gbs * 1e9)
+    return {"gpu": t_gpu, "cpu": t_cpu, "link": t_link, "nvme": t_nvme, "floor": max(t_gpu, t_cpu, t_link, t_nvme),
+            "serial": t_gpu + t_cpu + t_link + t_nvme}
 
 
 def _verdict(need: int, have: int | None, uncertainty: float) -> str:
@@ -339,9 +388,11 @@ def _verdicts(p: Plan, m: Machine) -> None:
     v = p.verdicts
     v["gpu"] = _verdict(p.gpu_peak, m.gpu_usable, GPU_UNCERTAINTY)
     v["host"] = _verdict(p.host_peak_node, m.host_available_bytes, HOST_UNCERTAINTY)
-    pinned = next(iter(p.host.values()))
+    pinned = p.pinned
     if p.setup.pin and m.has_cuda and m.memlock_bytes is not None:
         v["pinned"] = "fits" if pinned <= m.memlock_bytes else "no"
+    if p.setup.offload_device == "nvme":  # no NVMe bucket: no state file, nothing to check (as in the engine)
+        v["nvme"] = _verdict(nvme_need(p), m.nvme_free_bytes, NVME_UNCERTAINTY) if p.nvme else "fits"
     if v["gpu"] in ("no", "tight"):
         p.reasons.append(f"GPU: peak {p.gpu_peak / GiB:.1f} GiB per rank ({max(p.gpu_phases, key=p.gpu_phases.get)} "
                          f"phase, +-{GPU_UNCERTAINTY:.0%}) against {m.gpu_usable / GiB:.1f} GiB usable")
@@ -352,15 +403,24 @@ def _verdicts(p: Plan, m: Machine) -> None:
         p.reasons.append(f"pinned: {pinned / GiB:.1f} GiB per rank but `ulimit -l` allows "
                          f"{m.memlock_bytes / GiB:.2f} GiB: raise it (ulimit -l unlimited / --ulimit memlock=-1) "
                          "or set engine.offload.pin_memory false")
+    if v.get("nvme") in ("no", "tight"):
+        p.reasons.append(f"NVMe: {nvme_need(p) / GiB:.1f} GiB per node ({p.setup.gpus_per_node} rank(s) x "
+                         f"{p.nvme / GiB:.1f} GiB state file + {DISK_MARGIN / GiB:.0f} GiB margin) against "
+                         f"{m.nvme_free_bytes / GiB:.1f} GiB free" + (f" at {m.nvme_path}" if m.nvme_path else ""))
+
+
+def nvme_need(p: Plan) -> int:
+    """Free disk the node's state files need at offload.nvme_path: every rank's file and the engine's margin."""
+    return p.nvme * p.setup.gpus_per_node + DISK_MARGIN if p.nvme else 0
 
 
 def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[str]:
     """Settings that would fit, each found by re-planning with one change."""
     out: list[str] = []
 
-    def ok(tier: str, **changes) -> bool:
+    def ok(*tiers: str, **changes) -> bool:
         q = plan(shape, dataclasses.replace(setup, **changes), machine)
-        return q.verdicts.get(tier) in ("fits", "tight")
+        return all(q.verdicts.get(tier) in ("fits", "tight") for tier in tiers)
 
     if p.verdicts.get("gpu") == "no":
         if not setup.activation_checkpointing and ok("gpu", activation_checkpointing=True):
@@ -406,8 +466,62 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
                            f"the {name} state format ({other.host:.2f} B/param) once it is built")
                 if other.built:
                     break
+        out += _nvme_for_host(shape, setup, machine)
+    if p.verdicts.get("nvme") == "no":
+        out += _nvme_space(shape, setup, machine, p, ok)
     if p.verdicts.get("pinned") == "no":
         out.append("raise `ulimit -l` or set engine.offload.pin_memory false")
+    return out
+
+
+def _nvme_for_host(shape: ModelShape, setup: Setup, machine: Machine) -> list[str]:
+    """Host RAM short: the NVMe settings that would fit it (offload.device nvme with the engine's split, or more
+    of the state on NVMe), with the disk space they need: in the setup's format if the engine runs it, else
+    the first built format that fits; and the built format that needs the least disk, if another."""
+    if setup.offload_device == "nvme" and setup.nvme_ratio is None:
+        return []  # the engine's split already leaves in RAM all that fits
+    ratios = [None] if setup.offload_device != "nvme" else \
+        [r for r in (0.25, 0.5, 0.75, 1.0) if r > setup.nvme_ratio] + [None]
+    found = []
+    for name in (n for n in dict.fromkeys([setup.state_format, *STATE_FORMATS]) if STATE_FORMATS[n].built):
+        for r in ratios:
+            q = plan(shape, dataclasses.replace(setup, offload_device="nvme", nvme_ratio=r, state_format=name),
+                     dataclasses.replace(machine, nvme_free_bytes=None))
+            if q.verdicts["host"] in ("fits", "tight") and q.verdicts["gpu"] != "no":
+                found.append((r, q))
+                break
+    least = min(found, key=lambda f: f[1].nvme) if found else None
+    out = []
+    for r, q in found[:1] + ([least] if least is not None and least is not found[0] else []):
+        what = "offload.device nvme" if setup.offload_device != "nvme" else \
+            f"offload.nvme_ratio {'null (auto)' if r is None else f'{r:g}'}"
+        fmt = "" if q.setup.state_format == setup.state_format else f" (state format {q.setup.state_format})"
+        out.append(f"{what}{fmt} with {nvme_need(q) / GiB:.0f} GiB free on a fast disk (offload.nvme_path): "
+                   f"{q.nvme_params / 1e9:.2f} B params' state per rank in a {q.nvme / GiB:.1f} GiB file, read "
+                   f"and written every step ({2 * q.nvme * setup.gpus_per_node / 1e9:.0f} GB per node per step)")
+    return out
+
+
+def _nvme_space(shape: ModelShape, setup: Setup, machine: Machine, p: Plan, ok) -> list[str]:
+    """The NVMe state files do not fit the disk: more room, less on NVMe, smaller state, more nodes."""
+    out = [f"{nvme_need(p) / GiB:.0f} GiB free at offload.nvme_path (free space there or point it at a larger "
+           "drive)"]
+    if setup.nvme_ratio is not None:
+        for r in (0.75, 0.5, 0.25, 0.0):
+            if r < setup.nvme_ratio and ok("host", "nvme", nvme_ratio=r):
+                out.append(f"offload.nvme_ratio {r:g} (more of the state in RAM)")
+                break
+    fmt = host_format(setup)
+    for name in STATE_FORMATS:
+        other = host_format(setup, name)
+        if other.built and other.second_set < fmt.second_set and ok("host", "nvme", state_format=name):
+            q = plan(shape, dataclasses.replace(setup, state_format=name), machine)
+            out.append(f"engine.offload.state_format {name} ({nvme_need(q) / GiB:.0f} GiB on NVMe per node)")
+            break
+    for k in (2, 4, 8, 16):
+        if k > setup.nodes and ok("host", "nvme", nodes=k):
+            out.append(f"{k} nodes (each node's disk then holds 1/{k} of the state)")
+            break
     return out
 
 
@@ -421,6 +535,15 @@ def _check_setup(s: Setup) -> None:
     if s.tail_ratio is not None and not 0.0 <= s.tail_ratio <= 1.0:
         raise HeavyliftError(f"tail ratio must be in [0, 1] (the fraction of parameters stepped on the GPU), "
                              f"not {s.tail_ratio}")
+    if s.offload_device not in ("cpu", "nvme"):
+        raise HeavyliftError(f"offload.device must be cpu or nvme, not {s.offload_device!r}")
+    if s.nvme_ratio is not None and not (s.offload_device == "nvme" and 0.0 <= s.nvme_ratio <= 1.0):
+        raise HeavyliftError(f"nvme ratio (offload.nvme_ratio, --nvme-ratio) must be in [0, 1], the fraction of the "
+                             f"host-stepped parameters whose state is on NVMe, and needs offload.device nvme "
+                             f"(--nvme PATH or --nvme-free-gib), not {s.nvme_ratio} with device {s.offload_device}")
+    if s.nvme_buffers < 1:
+        raise HeavyliftError(f"nvme buffers (offload.nvme_buffers, --nvme-buffers) must be an integer >= 1, "
+                             f"not {s.nvme_buffers}")
 
 
 def format_line(name: str, slot: str = "fp32") -> str:

@@ -26,16 +26,23 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
                  bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
                  compute_dtype=e.precision.dtype, grad_slot=e.offload.grad_slot,
                  pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
-                 load_bytes=load_bytes, state_format=e.offload.state_format)
+                 load_bytes=load_bytes, state_format=e.offload.state_format, offload_device=e.offload.device,
+                 nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers)
 
 
 def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
     """Refuse (HeavyliftError, with the numbers and what would fit) a run this machine cannot hold; warn when
-    the estimate is within its uncertainty. ``HEAVYLIFT_PREFLIGHT=0`` skips it."""
+    the estimate is within its uncertainty. ``HEAVYLIFT_PREFLIGHT=0`` skips it. With offload.device nvme the
+    state files are checked against offload.nvme_path's free space (a path that cannot hold them at all is
+    refused as the engine would: missing, not a directory, not writable)."""
     if os.environ.get("HEAVYLIFT_PREFLIGHT", "1") == "0":
         return None
+    o = cfg.engine.offload
     if machine is None:
-        machine = this_machine()
+        machine = this_machine(nvme_path=o.nvme_path if o.device == "nvme" else "")
+    if o.device == "nvme" and machine.nvme_free_bytes is None:
+        from heavylift.offload.nvme import check_nvme_path
+        check_nvme_path(o.nvme_path, 0)
     setup = setup_for_train(cfg, machine.has_cuda)
     p = estimate(cfg.model, setup, machine)
     head = (f"{p.shape.name} ({p.shape.params / 1e9:.2f} B params), seq {setup.seq}, micro-batch {setup.mbs}, "

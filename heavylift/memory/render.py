@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from heavylift.memory.constants import FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS, GiB
-from heavylift.memory.plan import Machine, Plan, Rates, format_line, host_format, slot_of
+from heavylift.memory.plan import Machine, Plan, Rates, format_line, host_format, nvme_need, slot_of
 
 
 def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
@@ -30,13 +30,16 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
         lines.append(f"  {k:50s}{g(b)}")
     lines.append(f"  {'peak per rank':50s}{g(p.host_peak_rank)}")
     lines.append(f"  {f'peak per node ({s.gpus_per_node} rank(s))':50s}{g(p.host_peak_node)}")
-    lines.append(f"NVMe{'':48s}{g(p.nvme)}")
+    lines += _nvme_rows(p, g)
     lines.append("")
     have_gpu = "unknown" if machine.gpu_usable is None else f"{machine.gpu_usable / GiB:.1f} GiB usable"
     have_host = "unknown" if machine.host_available_bytes is None else \
         f"{machine.host_available_bytes / GiB:.1f} GiB available"
+    have_disk = "unknown" if machine.nvme_free_bytes is None else f"{machine.nvme_free_bytes / GiB:.1f} GiB free" \
+        + (f" at {machine.nvme_path}" if machine.nvme_path else "")
     lines.append(f"fits: GPU {p.verdicts['gpu']} ({have_gpu}); host {p.verdicts['host']} ({have_host})"
-                 + (f"; pinned {p.verdicts['pinned']}" if "pinned" in p.verdicts else ""))
+                 + (f"; pinned {p.verdicts['pinned']}" if "pinned" in p.verdicts else "")
+                 + (f"; NVMe {p.verdicts['nvme']} ({have_disk})" if "nvme" in p.verdicts else ""))
     for r in p.reasons:
         lines.append(f"  {r}")
     if p.suggestions:
@@ -58,6 +61,18 @@ def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
                   f" {t['cpu']:8.3f} s",
                   f"  link {fmt.grad:g} B/p down + {fmt.master:g} B/p up at {rates.link_gbs:.0f} GB/s ({rates.sources[2]})"
                   f" x{LINK_DUPLEX} duplex {t['link']:8.3f} s",
+                  *([f"  NVMe state read + written once: {2 * p.nvme * s.gpus_per_node / 1e9:.1f} GB/node at "
+                     f"{rates.nvme_gbs:.2f} GB/s ({rates.nvme_source}) {t['nvme']:8.3f} s"] if p.nvme else []),
                   f"  floor (overlapped: max) {t['floor']:.3f} s = {s.tokens_per_step / t['floor']:,.0f} tokens/s; "
                   f"serial sum {t['serial']:.3f} s"]
     return "\n".join(lines)
+
+
+def _nvme_rows(p: Plan, g) -> list[str]:
+    s = p.setup
+    if s.offload_device != "nvme":
+        return [f"NVMe{'':48s}{g(0)}"]
+    ratio = "auto: what RAM does not hold" if s.nvme_ratio is None else f"offload.nvme_ratio {s.nvme_ratio:g}"
+    return [f"NVMe  ({ratio}; {p.nvme_params / 1e9:.2f} of {p.host_params / 1e9:.2f} B host params)",
+            f"  {'state file: master + moments (4 KiB-aligned)':50s}{g(p.nvme)}",
+            f"  {f'per node ({s.gpus_per_node} rank(s), + disk margin)':50s}{g(nvme_need(p))}"]

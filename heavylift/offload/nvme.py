@@ -92,11 +92,11 @@ class StateFile:
     """One rank's preallocated state file and the threads that move bucket regions in and out."""
 
     def __init__(self, directory: str, rank: int, buffer_bytes: list[list[int]], threads: int = 4,
-                 direct: bool = True):
+                 direct: bool = True, name: str = ""):
         self.layout = region_layout(buffer_bytes)
         size = file_bytes(self.layout)
         root = check_nvme_path(directory, size)
-        self.path = root / f"heavylift-rank{rank}.state"
+        self.path = root / (name or f"heavylift-rank{rank}.state")
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         self.direct = False
         fd = -1

@@ -47,14 +47,15 @@ NVME_HEADROOM = 0.85  # of MemAvailable that state may take when the rest goes t
 
 
 def nvme_split(host_numels: list[int], fmt, ratio: float | None, available: int | None, ranks_per_node: int,
-               ring_depth: int) -> int:
+               ring_depth: int, grad_bytes: float = 4) -> int:
     """How many host buckets (a prefix in arrival order: the earliest-arriving, stepped last) keep their
     state on NVMe; pure.
 
     ``ratio``: that fraction of the host parameters, rounded to whole buckets. None: the fewest that let
     the rest fit in ``NVME_HEADROOM`` of ``available`` (per node), counting the NVMe buckets' gradient
-    slots and the ring's buffer sets; all of them if nothing smaller fits (the preflight then says so),
-    none when ``available`` is unknown."""
+    slots (``grad_bytes`` per param: offload.grad_slot resolved) and the ring's buffer sets; all of them if
+    nothing smaller fits (the preflight then says so), none when ``available`` is unknown. Also the planner's
+    rule (memory/plan.py), so ``heavylift estimate`` places the same buckets."""
     total = sum(host_numels)
     if ratio is not None:
         k, acc = 0, 0
@@ -67,7 +68,7 @@ def nvme_split(host_numels: list[int], fmt, ratio: float | None, available: int 
     budget = NVME_HEADROOM * available / ranks_per_node
     for k in range(len(host_numels) + 1):
         on_disk = host_numels[:k]
-        ram = (total - sum(on_disk)) * fmt.state_bytes + sum(on_disk) * 4
+        ram = (total - sum(on_disk)) * (fmt.back_bytes + grad_bytes) + sum(on_disk) * grad_bytes
         ram += ring_depth * max(on_disk, default=0) * fmt.back_bytes
         if ram <= budget:
             return k

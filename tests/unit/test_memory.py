@@ -365,3 +365,158 @@ def test_automatic_placement_fills_the_card_to_its_margin():
     kept = four.shape.layers * 2048 * 4 * kept_block_bytes_per_token(four.shape)
     assert four.gpu_settled == four.gpu_peak + four.host_params * 16 + kept < int(139.8 * GiB * 0.9 - 2 * GiB)
     assert any("every block keeps its activations" in n for n in four.notes)
+
+
+# ---- the NVMe tier (offload.device nvme) -----------------------------------------------------------------------
+BOX_14B = Machine(gpu_total_bytes=80 * GiB, host_available_bytes=128 * GiB, has_cuda=True)  # 1x H100, 128 GiB
+
+
+def test_nvme_partial_placement_by_hand():
+    """qwen3-14b, 1 GPU, 128 GiB, fp32 state, bf16 slot, no GPU tail, half of the host params on NVMe: the
+    NVMe buckets keep only their 2 B/param slot in RAM, their 12 B/param of state go to the file, and the ring
+    holds 3 sets of the largest NVMe bucket (12 B/param); the floor's NVMe term is the file read and written."""
+    from heavylift.memory import HOST_RUNTIME_BYTES
+    from heavylift.memory.plan import _buckets
+    from heavylift.offload.nvme import align_up
+    s = Setup(seq=4096, state_format="fp32", tail_ratio=0.0, offload_device="nvme", nvme_ratio=0.5, nvme_buffers=3)
+    shape = model_shape("qwen3-14b")
+    rates = Rates(746, 5.7e9, 50, nvme_gbs=2.0, nvme_source="given")
+    p = plan(shape, s, BOX_14B, rates)
+    buckets = [b.numel for b in _buckets(shape, s)]
+    P = p.host_params
+    assert P == sum(buckets) == shape.params and p.tail_params == 0
+    k = next(i for i in range(len(buckets) + 1) if sum(buckets[:i + 1]) > 0.5 * P)  # whole buckets, <= half
+    n = p.nvme_params
+    assert n == sum(buckets[:k]) and 0.45 * P < n <= 0.5 * P
+    assert p.nvme == sum(3 * align_up(4 * b) for b in buckets[:k]) == pytest.approx(12 * n, abs=4096 * 3 * k)
+    ring = 3 * 12 * max(buckets[:k])
+    load = 4 * shape.max_unit_params
+    assert not p.speculate  # (P - n) x (14 + 12) B alone is over 0.9 x the RAM
+    assert p.host == {"pinned: master + grad slot (+ back master)": 6 * (P - n),
+                      "pageable: exp_avg + exp_avg_sq": 8 * (P - n),
+                      "pageable: speculation buffer set (less its master)": 0,
+                      "pinned: NVMe buckets: grad slot": 2 * n,
+                      "NVMe ring: 3 sets x largest NVMe bucket": ring,
+                      "model loading: largest unit, fp32": load,
+                      "runtime (torch, CUDA, allocator)": HOST_RUNTIME_BYTES}
+    assert p.host_peak_node == 14 * (P - n) + 2 * n + ring + load + HOST_RUNTIME_BYTES
+    assert p.pinned == 6 * (P - n) + 2 * n + 3 * 4 * max(buckets[:k])  # the ring's masters are pinned too
+    assert p.host_peak_node / GiB == pytest.approx(122.6, abs=0.1)  # of 128: tight
+    assert p.verdicts["host"] == "tight" and p.verdicts["nvme"] == "unknown"  # no disk described
+    assert p.times["nvme"] == pytest.approx(2 * p.nvme / 2e9)  # ~89 GB read and written at 2 GB/s
+    assert p.times["floor"] == max(p.times[k] for k in ("gpu", "cpu", "link", "nvme")) == p.times["nvme"]
+    # the CPU still steps every host parameter; the link still carries them all
+    ram_only = plan(shape, dataclasses.replace(s, offload_device="cpu", nvme_ratio=None), BOX_14B, rates)
+    assert (p.times["cpu"], p.times["link"]) == (ram_only.times["cpu"], ram_only.times["link"])
+    assert ram_only.nvme == ram_only.times["nvme"] == 0 and "nvme" not in ram_only.verdicts
+
+
+def test_nvme_auto_split_is_the_engines(monkeypatch):
+    """offload.nvme_ratio null: the planner places exactly the buckets the engine's _nvme_split would, given
+    MemAvailable as the engine sees it (after the runtime and the model's loading)."""
+    import types
+
+    import heavylift.engine as engine
+    from heavylift.memory import HOST_RUNTIME_BYTES
+    from heavylift.memory.plan import _buckets
+    from heavylift.offload.buckets import split_tail
+    from heavylift.optim.formats import FORMATS
+    shape = model_shape("qwen3-14b")
+    for fmt, host in (("fp32", 128), ("int8-moments", 64), ("bf16-moments", 96)):
+        s = Setup(seq=4096, state_format=fmt, offload_device="nvme")
+        machine = dataclasses.replace(BOX_14B, host_available_bytes=host * GiB)
+        p = plan(shape, s, machine)
+        buckets = _buckets(shape, s)
+        host_specs = buckets[:split_tail(buckets, 1 - p.tail_params / (p.tail_params + p.host_params))]
+        assert sum(b.numel for b in host_specs) == p.host_params
+        then = host * GiB - 4 * shape.max_unit_params - HOST_RUNTIME_BYTES
+        monkeypatch.setattr(engine, "mem_available_bytes", lambda: then)
+        fake = types.SimpleNamespace(config=types.SimpleNamespace(offload=types.SimpleNamespace(
+            device="nvme", nvme_ratio=None, nvme_buffers=3)), _min_over_ranks=lambda x: x,
+            state_format=FORMATS[fmt], grad_slot="bf16")
+        k = engine.Engine._nvme_split(fake, host_specs)
+        assert 0 < k < len(host_specs) and p.nvme_params == sum(b.numel for b in host_specs[:k])
+        assert p.verdicts["host"] == "fits"
+
+
+def test_nvme_too_little_disk_is_refused_with_what_would_fit():
+    s = Setup(seq=4096, state_format="fp32", offload_device="nvme")
+    small = dataclasses.replace(BOX_14B, nvme_free_bytes=60 * GiB, nvme_path="/mnt/nvme")
+    p = estimate("qwen3-14b", s, small)
+    assert p.verdicts["nvme"] == "no" and not p.fits
+    assert any(r.startswith("NVMe: ") and "against 60.0 GiB free at /mnt/nvme" in r for r in p.reasons)
+    fix = "; ".join(p.suggestions)
+    assert "GiB free at offload.nvme_path" in fix and "engine.offload.state_format bf16-moments" in fix
+    need = p.nvme + (1 << 30)
+    exact = estimate("qwen3-14b", s, dataclasses.replace(small, nvme_free_bytes=need))
+    assert exact.verdicts["nvme"] == "tight" and exact.fits  # within the 2% the layout may differ by
+    assert estimate("qwen3-14b", s, dataclasses.replace(small, nvme_free_bytes=2 * need)).verdicts["nvme"] == "fits"
+    # a ratio that puts more on the disk than it holds: the highest lower ratio whose rest RAM takes is offered
+    q = estimate("qwen3-14b", dataclasses.replace(s, state_format="int8-moments", nvme_ratio=1.0), small)
+    assert q.verdicts["nvme"] == "no" and "offload.nvme_ratio 0.75 (more of the state in RAM)" in q.suggestions
+
+
+def test_preflight_checks_the_nvme_path(tmp_path):
+    from heavylift.config.errors import ConfigError
+    cfg = TrainConfig(model="qwen3-14b", seq_len=4096)
+    cfg.engine.offload.state_format = "fp32"
+    cfg.engine.offload.device, cfg.engine.offload.nvme_path = "nvme", str(tmp_path)
+    small = dataclasses.replace(BOX_14B, nvme_free_bytes=50 * GiB, nvme_path=str(tmp_path))
+    with pytest.raises(HeavyliftError) as e:
+        check_train(cfg, machine=small)
+    msg = str(e.value)
+    assert "cannot fit" in msg and "NVMe: " in msg and "GiB free at offload.nvme_path" in msg
+    assert "engine.offload.state_format" in msg
+    p = check_train(cfg, machine=dataclasses.replace(small, nvme_free_bytes=500 * GiB), warn=lambda _: None)
+    assert p.fits and 0 < p.nvme_params < p.host_params and p.verdicts["nvme"] == "fits"
+    cfg.engine.offload.nvme_path = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="offload.nvme_path"):
+        check_train(cfg, machine=BOX_14B)  # no free space known: the path is checked as the engine would
+
+
+def test_cli_nvme(capsys, tmp_path):
+    base = ["estimate", "--model", "qwen3-14b", "--gpu-mem-gib", "80", "--gpu-tflops", "746",
+            "--cpu-params-per-s", "5.7e9", "--link-gbs", "50"]
+    assert main(base + ["--host-mem-gib", "128", "--state-format", "fp32", "--nvme-free-gib", "500",
+                        "--nvme-gbs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "NVMe  (auto: what RAM does not hold;" in out and "state file: master + moments" in out
+    assert "NVMe fits (500.0 GiB free)" in out and "NVMe ring: 3 sets" in out
+    assert "NVMe state read + written once:" in out and "at 2.00 GB/s (given)" in out
+    # no format fits 64 GiB alone: with NVMe fp32 does, and auto says so
+    assert main(base + ["--host-mem-gib", "64", "--nvme-free-gib", "500", "--nvme-gbs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "-> fp32" in out and "no built state format fits in RAM alone; with NVMe fp32 fits" in out
+    assert "(RAM alone 188 GiB: no)" in out
+    # without NVMe: it is among what would fit
+    assert main(base + ["--host-mem-gib", "64", "--state-format", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "- offload.device nvme with 141 GiB free on a fast disk" in out
+    assert "- offload.device nvme (state format int8-moments) with 49 GiB free" in out
+    # a real directory: its free space, a ratio, a ring depth
+    assert main(base + ["--host-mem-gib", "128", "--state-format", "int8-moments", "--nvme", str(tmp_path),
+                        "--nvme-ratio", "0.25", "--nvme-buffers", "2", "--nvme-gbs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "NVMe  (offload.nvme_ratio 0.25;" in out and f"free at {tmp_path})" in out
+    assert "NVMe ring: 2 sets" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nvme-ratio", "0.5"], "needs offload.device nvme (--nvme PATH or --nvme-free-gib)"),
+    (["--nvme-free-gib", "100", "--nvme-ratio", "1.5"], "nvme ratio (offload.nvme_ratio, --nvme-ratio) must be in"),
+    (["--nvme-free-gib", "100", "--nvme-buffers", "0"], "nvme buffers (offload.nvme_buffers, --nvme-buffers)"),
+    (["--nvme-free-gib", "-1"], "--nvme-free-gib must be > 0"),
+    (["--nvme-gbs", "0"], "--nvme-gbs must be > 0"),
+    (["--nvme", "/no/such/dir"], "--nvme /no/such/dir: use an existing directory"),
+])
+def test_cli_nvme_errors(args, message, capsys):
+    assert main(["estimate", "--model", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("heavylift: error: ") and message in err and err.count("\n") == 1
+
+
+def test_nvme_probe_measures_a_rate(tmp_path):
+    from heavylift.memory.machine import probe_nvme
+    gbs, how = probe_nvme(str(tmp_path), 8 << 20)
+    assert gbs > 0 and how.startswith("probed: 8 MiB written") and " s, " in how
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone

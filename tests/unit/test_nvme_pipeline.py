@@ -145,3 +145,7 @@ def test_nvme_split():
     # k=3 needs 400+300+300 = 1000
     assert nvme_split([25] * 4, fp32, None, 1200, 1, 1) == 3
     assert nvme_split([25] * 4, fp32, None, 1200, 2, 1) == 4  # two ranks share the node: nothing smaller fits
+    # a bf16 gradient slot (2 B/param, offload.grad_slot): budget 0.85 x 1300 = 1105 B; k=2 needs 2 x 25 x 14 +
+    # 2 x 25 x 2 + 300 = 1100 (with the fp32 slot's 4 B it would need 1300, so k=3)
+    assert nvme_split([25] * 4, fp32, None, 1300, 1, 1, grad_bytes=2) == 2
+    assert nvme_split([25] * 4, fp32, None, 1300, 1, 1) == 3
