@@ -492,7 +492,7 @@ def test_cli_nvme(capsys, tmp_path):
     assert main(base + ["--host-mem-gib", "64", "--state-format", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "- offload.device nvme with 141 GiB free on a fast disk" in out
-    assert "- offload.device nvme (state format int8-moments) with 49 GiB free" in out
+    assert "- offload.device nvme (state format bf16-master-int8) with 25 GiB free" in out  # the smallest format
     # a real directory: its free space, a ratio, a ring depth
     assert main(base + ["--host-mem-gib", "128", "--state-format", "int8-moments", "--nvme", str(tmp_path),
                         "--nvme-ratio", "0.25", "--nvme-buffers", "2", "--nvme-gbs", "3"]) == 0
