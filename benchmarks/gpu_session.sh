@@ -9,6 +9,7 @@
 #   PART=scale   issue 7: bench --gpus COUNTS (weak scaling), PEERS at the largest count, nvidia-h200-x4
 #   PART=big     issue 6: kernel speed per format, qwen3-14b in FMT on one GPU (nvidia-h200)
 #   PART=nvme    issue 6: qwen3-4b with NVME_RATIO of the host state on disk vs all in RAM (nvidia-h200)
+#   PART=70b     issue 7: estimate + bench of the Llama-70B shape on 4 GPUs in FMT (nvidia-h200-x4)
 #   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint, a resume from it that
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
@@ -94,5 +95,15 @@ nvme)
       $( [ $dev = nvme ] && echo --nvme-path /tmp/nvme --nvme-ratio ${NVME_RATIO:-0.5} ) > "$OUT/step-$dev.jsonl" 2> "$OUT/step-$dev.err"
     tail -c 600 "$OUT/step-$dev.jsonl"; echo
   done
+  ;;
+70b)
+  # issue 7: the Llama-3.3-70B shape on 4 GPUs, seq 4096, clip 1.0, in the format the planner picks for
+  # 512 GiB (bf16-master-int8); the estimate first, then heavylift's step benchmark (no peers: none fits)
+  timeout 60 python -m heavylift estimate --model llama-3-70b --gpus 4 --seq 4096 --mbs 1 > "$OUT/estimate70b.log" 2>&1
+  tail -25 "$OUT/estimate70b.log"
+  mkdir -p "$OUT/r"
+  timeout 540 python -m heavylift bench --model llama-70b --gpus 4 --seq 4096 --mbs 1 --accum ${ACCUM:-8} --steps 2 \
+    --state-format "${FMT:-bf16-master-int8}" --peers "" --out "$OUT/r" > "$OUT/70b.log" 2>&1
+  tail -25 "$OUT/70b.log"
   ;;
 esac
