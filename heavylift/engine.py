@@ -26,7 +26,7 @@ from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split
 from heavylift.offload.nvme_ring import NvmeRing
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
-from heavylift.memory.constants import AUTO_TAIL_CARD_FRACTION
+from heavylift.memory.constants import AUTO_TAIL_CARD_FRACTION, HOST_FIT_FRACTION
 from heavylift.offload.placement import AutoPlacement
 from heavylift.offload.tail import buckets_to_move
 from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail, write_master
@@ -253,9 +253,10 @@ class Engine:
     # ---- planning ---------------------------------------------------------------------------------
     def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
         """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
-        CUDA with the sequence length known: the tail the planner predicts the card holds beside the weights
-        and activations (memory/plan.py init_tail_params), so the host never allocates state that the
-        placement would move to the GPU a few steps later; it grows from measurements after that. Without
+        CUDA with the sequence length known: as much of the tail the planner predicts the card holds beside
+        the weights and activations as the host needs to fit its RAM (memory/plan.py init_tail_params; none
+        where the host holds everything: the measured placement then decides, and may rather let blocks keep
+        their activations); it grows from measurements after that. Without
         it: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
         in a tenth of the card. Not yet run on a GPU (session 3)."""
         if self.device.type != "cuda":
@@ -276,7 +277,8 @@ class Engine:
         from heavylift.memory.preflight import setup_for_engine
 
         setup = setup_for_engine(self.config, seq_len, cuda=True)
-        return init_tail_params(shape_of_model(model), setup, gpu_total_bytes)
+        avail = self._min_over_ranks(mem_available_bytes())  # every rank decides alike
+        return init_tail_params(shape_of_model(model), setup, gpu_total_bytes, avail)
 
     def _native_kernel(self, required: bool = False):
         from heavylift.config.errors import HeavyliftError
@@ -342,7 +344,7 @@ class Engine:
         # the node's need with the smallest MemAvailable any rank sees.
         local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
         avail = self._min_over_ranks(mem_available_bytes())
-        if speculate and avail is not None and local * (n * (state + back) + n_nvme * slot + ring) > 0.9 * avail:
+        if speculate and avail is not None and local * (n * (state + back) + n_nvme * slot + ring) > HOST_FIT_FRACTION * avail:
             speculate = False
             if self.env.is_main:
                 log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "

@@ -90,6 +90,7 @@ CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # outside torch's allocator (not in max_mem
 
 
 HOST_RUNTIME_BYTES = int(2.4 * GiB)  # per rank: torch + CUDA libraries, allocator slack (calibrated)
+HOST_FIT_FRACTION = 0.9  # of MemAvailable the host state may take (the engine's speculation check uses it too)
 
 
 LINK_DUPLEX = 1.55  # both directions at once / one direction (84.8 / 55 GB/s, hardware.md)

@@ -453,7 +453,7 @@ def test_nvme_too_little_disk_is_refused_with_what_would_fit():
     assert estimate("qwen3-14b", s, dataclasses.replace(small, nvme_free_bytes=2 * need)).verdicts["nvme"] == "fits"
     # a ratio that puts more on the disk than it holds: the highest lower ratio whose rest RAM takes is offered
     q = estimate("qwen3-14b", dataclasses.replace(s, state_format="int8-moments", nvme_ratio=1.0), small)
-    assert q.verdicts["nvme"] == "no" and "offload.nvme_ratio 0.75 (more of the state in RAM)" in q.suggestions
+    assert q.verdicts["nvme"] == "no" and "offload.nvme_ratio 0.5 (more of the state in RAM)" in q.suggestions
 
 
 def test_preflight_checks_the_nvme_path(tmp_path):
@@ -520,3 +520,23 @@ def test_nvme_probe_measures_a_rate(tmp_path):
     gbs, how = probe_nvme(str(tmp_path), 8 << 20)
     assert gbs > 0 and how.startswith("probed: 8 MiB written") and " s, " in how
     assert list(tmp_path.iterdir()) == []  # the probe file is gone
+
+
+def test_init_tail_only_what_the_host_needs(bench_shape):
+    """The tail placed at init keeps the host inside its RAM; where the host holds everything it is 0 and
+    the measured placement decides (it may rather let blocks keep their activations)."""
+    from heavylift.memory.plan import init_tail_params
+    from heavylift.memory.plan import host_format
+    s = Setup(seq=4096, mbs=4, loss_chunk_tokens=0)
+    total = int(139.8 * GiB)
+    fit = init_tail_params(bench_shape, s, total)
+    assert fit > 0 and init_tail_params(bench_shape, s, total, host_available=500 * GiB) == 0
+    base = plan(bench_shape, dataclasses.replace(s, tail_ratio=0.0), Machine())
+    fmt = host_format(s)
+    per_param = fmt.host + fmt.second_set
+    short_by = 10 * GiB  # a host 10 GiB short of 90% of what the state needs: that much state goes to the card
+    avail = int((base.host_peak_node - short_by) / 0.9)
+    got = init_tail_params(bench_shape, s, total, host_available=avail)
+    assert got == pytest.approx(short_by / per_param, rel=1e-3) and got < fit
+    tiny_host = init_tail_params(bench_shape, s, total, host_available=1 * GiB)  # wants everything
+    assert min(fit, bench_shape.params) <= tiny_host <= fit
