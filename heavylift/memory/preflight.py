@@ -6,7 +6,8 @@ import os
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.machine import this_machine
-from heavylift.memory.plan import Machine, Plan, Setup, estimate, format_line, slot_of
+from heavylift.memory.estimate import estimate
+from heavylift.memory.plan import Machine, Plan, Setup, format_line, slot_of
 
 
 def setup_for_train(cfg, cuda: bool) -> Setup:
