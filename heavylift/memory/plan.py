@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import (
-    CUDA_CONTEXT_BYTES, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_FIT_FRACTION, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
+    AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_FIT_FRACTION, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
     FP32_ADAMW_TRAFFIC, LINK_DUPLEX, NVME_UNCERTAINTY, STATE_FORMATS,
 )
 from heavylift.memory.constants import StateFormat as HostFormat
@@ -44,6 +44,9 @@ class Setup:
     # Bytes/param of the whole model each rank holds on the CPU while the engine is built; 0: none, the
     # model is on the meta device and the engine draws or streams one unit at a time (heavylift train).
     load_bytes: int = 0
+    # engine.compile on (CUDA, compile auto|on): a block keeps what kept_block_bytes_per_token counts for its
+    # backward instead of the eager block's activations (block_activation_bytes_per_token)
+    compiled: bool = False
     # engine.loss_chunk_tokens: 0 is the model's own loss (fp32 logits for the whole batch)
     loss_chunk_tokens: int = 8192
     # offload.device: "nvme" keeps the state of the host buckets that do not fit in RAM in files (offload/nvme.py)
@@ -166,23 +169,27 @@ def init_tail_params(shape: ModelShape, setup: Setup, gpu_total_bytes: int, host
     """Parameters (per rank) whose optimizer state the engine places on the GPU at init, when offload.ratio
     is unset: what the card holds beyond this planner's peak with no tail (raised by its uncertainty) and
     the placement's margin, in the tail format's bytes, but no more than the host needs to hold the rest
-    within 90% of ``host_available`` (per node) when that is known.
+    within 90% of ``host_available`` (per node) when that is known; and at least the root unit
+    (embeddings/head) where its state fits a tenth of the card, as before there was a planner at init.
 
     The tail at init is there to keep the host's peak inside its RAM (state that would otherwise be
     allocated on the host and moved to the GPU a few steps later), not for speed: where the host holds the
     whole state, the measured placement decides (offload/placement.py), and it may give the card to blocks
     that keep their activations rather than to more tail (one H200, qwen3-4b at 16K tokens: 35 of 37
     buckets on the GPU and 31 of 36 blocks keeping their activations, 0.900 s/step)."""
-    base = plan(shape, dataclasses.replace(setup, tail_ratio=0.0), Machine())
+    base = plan(shape, dataclasses.replace(setup, tail_ratio=0.0), Machine(has_cuda=True))  # compute on a GPU
     spare = gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES - CUDA_CONTEXT_BYTES \
         - base.gpu_peak * (1.0 + GPU_UNCERTAINTY)
-    fit = max(int(spare // _tail_format(setup).state_bytes), 0)
+    tail_bytes = _tail_format(setup).state_bytes
+    fit = max(int(spare // tail_bytes), 0)
+    root = shape.root_params // setup.world  # the root unit's gradients arrive last: the cheapest to hide
+    floor = root if root * tail_bytes <= gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0
     if host_available is None:
-        return fit
+        return max(fit, floor)
     fmt = host_format(setup)
     per_param = setup.gpus_per_node * (fmt.host + (fmt.second_set if setup.speculate else 0))
     short = base.host_peak_node - HOST_FIT_FRACTION * host_available
-    return min(fit, max(math.ceil(short / per_param), 0))
+    return max(min(fit, max(math.ceil(short / per_param), 0)), floor)
 
 
 def _placement_settles(peak: int, setup: Setup, machine: Machine, shape: ModelShape, host_params: int) -> int:
@@ -260,6 +267,8 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     tokens = setup.mbs * setup.seq
     h = shape.hidden
     saved, work = block_activation_bytes_per_token(shape)
+    if setup.compiled:
+        saved = kept_block_bytes_per_token(shape)
     blk = shape.max_block_params
     root = shape.root_params
     weights = db * rank_params

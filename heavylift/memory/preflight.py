@@ -28,7 +28,8 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
                  compute_dtype=e.precision.dtype, grad_slot=e.offload.grad_slot,
                  pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
                  load_bytes=load_bytes, state_format=e.offload.state_format, offload_device=e.offload.device,
-                 nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers)
+                 nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers,
+                 compiled=cuda and e.compile != "off")
 
 
 def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:

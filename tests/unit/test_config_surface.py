@@ -65,7 +65,7 @@ def test_cli_subcommands_are_frozen(capsys):
     assert set(seen) == SUBCOMMANDS
 
 
-ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac",
+ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac", "--no-compile",
                   "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
                   "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--nvme-gbs",
                   "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
