@@ -253,12 +253,12 @@ class Engine:
     # ---- planning ---------------------------------------------------------------------------------
     def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
         """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
-        CUDA with the sequence length known: as much of the tail the planner predicts the card holds beside
-        the weights and activations as the host needs to fit its RAM (memory/plan.py init_tail_params; none
-        where the host holds everything: the measured placement then decides, and may rather let blocks keep
-        their activations); it grows from measurements after that. Without
-        it: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
-        in a tenth of the card. Not yet run on a GPU (session 3)."""
+        CUDA: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
+        in a tenth of the card; with the sequence length known, more where the host needs it to fit its RAM,
+        up to what the planner predicts the card holds beside the weights and activations (memory/plan.py
+        init_tail_params). The measured placement grows it after the first steps, and where the host holds
+        everything it decides alone (it may rather let blocks keep their activations). The planner's part
+        has not run on a GPU yet (session 3)."""
         if self.device.type != "cuda":
             return len(specs)
         total = torch.cuda.get_device_properties(self.device).total_memory
