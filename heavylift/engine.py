@@ -26,7 +26,7 @@ from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split
 from heavylift.offload.nvme_ring import NvmeRing
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
-from heavylift.memory.constants import AUTO_TAIL_CARD_FRACTION, HOST_FIT_FRACTION
+from heavylift.memory.constants import HOST_FIT_FRACTION
 from heavylift.offload.placement import AutoPlacement
 from heavylift.offload.tail import buckets_to_move
 from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail, write_master
@@ -262,13 +262,14 @@ class Engine:
         if self.device.type != "cuda":
             return len(specs)
         total = torch.cuda.get_device_properties(self.device).total_memory
-        tail_bytes = FORMATS[self.state_format.tail].state_bytes
         if seq_len is not None and hasattr(model, "config"):
             budget = self._planned_tail_params(model, seq_len, total)
         else:
+            from heavylift.memory.plan import root_tail_params
+
             root = max(s.unit for s in specs)
-            root_numel = sum(s.numel for s in specs if s.unit == root)
-            budget = root_numel if root_numel <= total * AUTO_TAIL_CARD_FRACTION / tail_bytes else 0
+            budget = root_tail_params(sum(s.numel for s in specs if s.unit == root),
+                                      FORMATS[self.state_format.tail].state_bytes, total)
         return len(specs) - buckets_to_move([s.numel for s in specs], budget)
 
     def _planned_tail_params(self, model: nn.Module, seq_len: int, gpu_total_bytes: int) -> int:

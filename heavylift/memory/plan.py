@@ -165,6 +165,12 @@ def _tail_ratio(shape: ModelShape, setup: Setup, machine: Machine) -> float:
     return 1.0 - sum(b.numel for b in buckets[len(buckets) - n:]) / max(sum(b.numel for b in buckets), 1)
 
 
+def root_tail_params(root_params: int, tail_bytes: float, gpu_total_bytes: int) -> int:
+    """The root unit's (embeddings/head) parameters per rank if their GPU-tail state fits a tenth of the
+    card, else 0: its gradients arrive last, so its step is the cheapest to take off the CPU."""
+    return root_params if root_params * tail_bytes <= gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0
+
+
 def init_tail_params(shape: ModelShape, setup: Setup, gpu_total_bytes: int, host_available: int | None = None) -> int:
     """Parameters (per rank) whose optimizer state the engine places on the GPU at init, when offload.ratio
     is unset: what the card holds beyond this planner's peak with no tail (raised by its uncertainty) and
@@ -182,8 +188,7 @@ def init_tail_params(shape: ModelShape, setup: Setup, gpu_total_bytes: int, host
         - base.gpu_peak * (1.0 + GPU_UNCERTAINTY)
     tail_bytes = _tail_format(setup).state_bytes
     fit = max(int(spare // tail_bytes), 0)
-    root = shape.root_params // setup.world  # the root unit's gradients arrive last: the cheapest to hide
-    floor = root if root * tail_bytes <= gpu_total_bytes * AUTO_TAIL_CARD_FRACTION else 0
+    floor = root_tail_params(shape.root_params // setup.world, tail_bytes, gpu_total_bytes)
     if host_available is None:
         return max(fit, floor)
     fmt = host_format(setup)

@@ -94,9 +94,6 @@ class OffloadPipeline:
         self.speculate = speculate
         self._native = native  # heavylift's CPU kernel module, or None: torch's fused kernel
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
-        # NVMe buckets step with the kernel a RAM bucket would use in the same step, so that where the state
-        # lives never changes a bit of the result: the native one while speculating, else torch's
-        self._native_speculation = native is not None and speculate
         self._ring = ring  # offload.nvme_ring.NvmeRing of the NVMe buckets, or None
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
@@ -385,7 +382,9 @@ class OffloadPipeline:
         stepped = pend.dispatched and bool(pend.active) and not found_inf
         if stepped:
             with self._timed(pend.active):
-                if self._native_speculation and self._speculate_now:
+                # the kernel a RAM bucket uses in this step, so where the state lives changes no bit of the
+                # result: the native one while speculating (double-buffered), else torch's
+                if self._native is not None and self._speculate_now:
                     self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=False)
                     for s in pend.active:
                         s.step += 1
