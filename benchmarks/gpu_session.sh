@@ -9,6 +9,8 @@
 #   PART=scale   issue 7: bench --gpus COUNTS (weak scaling), PEERS at the largest count, nvidia-h200-x4
 #   PART=big     issue 6: kernel speed per format, qwen3-14b in FMT on one GPU (nvidia-h200)
 #   PART=nvme    issue 6: qwen3-4b with NVME_RATIO of the host state on disk vs all in RAM (nvidia-h200)
+#   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
+#                fits on this box, then two steps of it (benchmarks/largest_model.py --try)
 #   PART=70b     issue 7: estimate + bench of the Llama-70B shape on 4 GPUs in FMT (nvidia-h200-x4)
 #   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint, a resume from it that
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
@@ -21,7 +23,7 @@ pip install -q --no-index --no-deps .wheels/*.whl 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "${PART:-tests}" in
 tests)
-  timeout 420 python -m pytest -q -s tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "error|passed|failed|Error|:"
+  timeout 420 python -m pytest -q -s ${TESTS:-tests/gpu} 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "error|passed|failed|Error|:"
   ;;
 bench)
   mkdir -p "$OUT/r"
@@ -91,10 +93,15 @@ nvme)
   # issue 6: qwen3-4b with NVME_RATIO of the host state on the box's disk, against the same run in RAM
   mkdir -p /tmp/nvme
   for dev in cpu nvme; do
-    timeout 250 python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --steps 3 --ratio 0.8 \
+    timeout 250 python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --warmup 3 --steps 2 --ratio 0.8 \
       $( [ $dev = nvme ] && echo --nvme-path /tmp/nvme --nvme-ratio ${NVME_RATIO:-0.5} ) > "$OUT/step-$dev.jsonl" 2> "$OUT/step-$dev.err"
     tail -c 600 "$OUT/step-$dev.jsonl"; echo
   done
+  ;;
+largest)
+  timeout 560 python benchmarks/largest_model.py --formats "${FORMATS:-fp32,bf16-master-int8}" --try \
+    --timeout "${TRY_TIMEOUT:-240}" > "$OUT/largest.jsonl" 2> "$OUT/largest.err"
+  cat "$OUT/largest.jsonl"; tail -5 "$OUT/largest.err"
   ;;
 70b)
   # issue 7: the Llama-3.3-70B shape on 4 GPUs, seq 4096, clip 1.0, in the format the planner picks for

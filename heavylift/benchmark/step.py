@@ -39,14 +39,21 @@ SHAPES = {
 }
 
 
-def build(name: str):
-    """The shape on the meta device: the engine draws its values unit by unit."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def shape_config(name: str, layers: int = 0):
+    """The shape's ``LlamaConfig``; ``layers`` > 0 replaces its layer count (the largest-model search)."""
+    from transformers import LlamaConfig
 
     h, l, i, nh, kv, v, tie = SHAPES[name]
-    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=l, intermediate_size=i, num_attention_heads=nh,
-                      num_key_value_heads=kv, vocab_size=v, tie_word_embeddings=tie, max_position_embeddings=8192,
-                      attn_implementation="sdpa")
+    return LlamaConfig(hidden_size=h, num_hidden_layers=layers or l, intermediate_size=i, num_attention_heads=nh,
+                       num_key_value_heads=kv, vocab_size=v, tie_word_embeddings=tie, max_position_embeddings=8192,
+                       attn_implementation="sdpa")
+
+
+def build(name: str, layers: int = 0):
+    """The shape on the meta device: the engine draws its values unit by unit."""
+    from transformers import LlamaForCausalLM
+
+    cfg = shape_config(name, layers)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     return model, cfg
@@ -149,9 +156,23 @@ def _gather(record: dict) -> list[dict]:
     return out
 
 
+def measure_floor(engine, cfg, a) -> dict:
+    """The floor's three parts, each measured alone (all ranks at once), and their maximum."""
+    _together()
+    fwd_bwd_s = fwd_bwd_alone(engine, cfg, a)
+    _together()
+    cpu_s = engine.pipeline.time_host_pass()
+    _together()
+    floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": cpu_s, "link_s": link_alone(engine)}
+    floor["floor_s"] = max(floor.values())
+    return floor
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen3-4b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=0, help="> 0: the shape with this many layers")
+    ap.add_argument("--floor", type=int, default=1, help="0: skip measuring the floor's parts (fits only)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1)
@@ -175,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     from heavylift.config import EngineConfig
 
     t0 = time.perf_counter()
-    model, cfg = build(a.model)
+    model, cfg = build(a.model, a.layers)
     nparams = sum(p.numel() for p in model.parameters())
     clips = [float(c) for c in a.clip.split(",")]
     ec = EngineConfig()
@@ -198,15 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     for clip in clips:
         phases.append(measure_steps(engine, cfg, a, clip))
         print("phase", json.dumps(phases[-1]), file=sys.stderr, flush=True)
-    _together()
-    fwd_bwd_s = fwd_bwd_alone(engine, cfg, a)
-    _together()
-    cpu_s = engine.pipeline.time_host_pass()
-    _together()
-    floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": cpu_s, "link_s": link_alone(engine)}
-    floor["floor_s"] = max(floor.values())
+    floor = measure_floor(engine, cfg, a) if a.floor else {"floor_s": None}
     common = {
-        "system": "heavylift", "model": a.model, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
+        "system": "heavylift", "model": a.model, "layers": cfg.num_hidden_layers, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
         "state_format": a.state_format, "kernel": engine.pipeline.kernel, "nvme_buckets": engine.first_ram,
         "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
         "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         "host_rss_now_gib": round(host_rss_bytes() / 2**30, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "floor": {k: round(v, 4) for k, v in floor.items()},
+        "floor": {k: None if v is None else round(v, 4) for k, v in floor.items()},
         "card": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
     from heavylift.benchmark.table import combine_ranks
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     for ph in phases:
         out = {**common, **ph, "tokens_per_s": round(tokens / ph["step_s"], 1),
                "tflops": round(flops / ph["step_s"] / 1e12, 1),
-               "step_over_floor": round(ph["step_s"] / floor["floor_s"], 3)}
+               "step_over_floor": round(ph["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None}
         lines = _gather(out)
         if engine.env.rank == 0:
             print(json.dumps(combine_ranks(lines)), flush=True)
