@@ -119,21 +119,25 @@ def fwd_bwd_alone(engine, cfg, a, reps: int = 3) -> float:
 
 @torch.no_grad()
 def link_alone(engine) -> float:
-    """Every host bucket's gradient down (fp32) and master up (fp32, cast to the shard), concurrently."""
+    """Every host bucket's gradient down (its slot's dtype) and master up (fp32, cast to the shard),
+    concurrently; an NVMe bucket's master goes up from a pinned stand-in (its ring set in a real step)."""
     host = [b for b in engine.buckets if b.on_host]
     if not host:
         return 0.0
     n = max(b.spec.numel for b in host)
-    dev = torch.empty(n, dtype=torch.float32, device="cuda")
+    dev = {d: torch.empty(n, dtype=d, device="cuda") for d in {b.flats["grad"].dtype for b in host}}
+    stand_in = torch.empty(n, dtype=torch.float32, pin_memory=True) if any(b.nvme for b in host) else None
     down, up = torch.cuda.Stream(), torch.cuda.Stream()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for b in host:
         with torch.cuda.stream(down):
-            b.flats["grad"].copy_(dev[: b.spec.numel], non_blocking=True)
+            b.flats["grad"].copy_(dev[b.flats["grad"].dtype][: b.spec.numel], non_blocking=True)
         with torch.cuda.stream(up):
             for s in b.slots:
-                s.device_param.to_local().copy_(s.master, non_blocking=True)
+                local = s.device_param.to_local()
+                src = stand_in[: local.numel()].view_as(local) if b.nvme else s.master
+                local.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -164,6 +168,9 @@ def measure_floor(engine, cfg, a) -> dict:
     cpu_s = engine.pipeline.time_host_pass()
     _together()
     floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": cpu_s, "link_s": link_alone(engine)}
+    if engine.first_ram:  # NVMe buckets: their state's read + write, alone
+        _together()
+        floor["disk_s"] = engine.pipeline.time_disk_pass()
     floor["floor_s"] = max(floor.values())
     return floor
 
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         ec.offload.nvme_ratio = None if a.nvme_ratio < 0 else a.nvme_ratio
     ec.loss_chunk_tokens = a.loss_chunk_tokens
     ec.compile, ec.recompute = a.compile, a.recompute
-    engine = heavylift.initialize(model=model, config=ec)[0]
+    engine = heavylift.initialize(model=model, config=ec, seq_len=a.seq)[0]  # seq: the tail at init, as train
     init_s = time.perf_counter() - t0
     tokens = a.mbs * a.seq * a.accum
     flops = model_flops_per_token(cfg, nparams, a.seq) * tokens

@@ -284,6 +284,20 @@ class OffloadPipeline:
         th.join()
         return out["s"]
 
+    def time_disk_pass(self) -> float:
+        """Seconds to read every NVMe bucket's state through the ring and write it back unchanged, with its
+        read-ahead and write-behind and nothing else running: the disk's term of the benchmark's floor."""
+        self.wait_all()
+        if self._ring is None:
+            return 0.0
+        t = time.perf_counter()
+        self._ring.begin()
+        for b in self._ring.step_order:
+            self._ring.acquire(b)
+            self._ring.release(b, dirty=True)
+        self._ring.drain()
+        return time.perf_counter() - t
+
     def close(self) -> None:
         self._tasks.put(None)
         self._worker.join(timeout=60)
