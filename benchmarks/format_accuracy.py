@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-FORMATS = ("fp32", "bf16-moments", "int8-moments", "bf16-master")
+FORMATS = ("fp32", "bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8")
 
 
 def read_run(run_dir: pathlib.Path) -> dict:

@@ -6,7 +6,7 @@ longer fits this machine; with ``--try``, the largest that fits then runs two op
 ``heavylift.benchmark.step`` (one warm-up, one timed; no floor), so the claim is a measured fact, with the
 host RSS and GPU peak it reached. One JSON line per format:
 
-    python benchmarks/largest_model.py [--formats fp32,int8-moments] [--try] [--timeout 240]
+    python benchmarks/largest_model.py [--formats fp32,int8-moments] [--try] [--timeout 400] [--logs DIR]
     python benchmarks/largest_model.py --gpu-mem-gib 80 --host-mem-gib 128   # plan another machine only
 """
 
@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -51,14 +52,21 @@ def try_run(a, fmt: str, layers: int) -> dict:
            "--seq", str(a.seq), "--mbs", str(a.mbs), "--accum", str(a.accum), "--warmup", "1", "--steps", "1",
            "--floor", "0", "--state-format", fmt]
     t = time.perf_counter()
+    log = pathlib.Path(a.logs) / f"try-{fmt}-{layers}.log" if a.logs else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-    except subprocess.TimeoutExpired:
-        return {"trained": False, "why": f"timed out after {a.timeout} s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        return {"trained": False, "why": f"exit {proc.returncode}: {' | '.join(tail)[:600]}"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:  # keep what it printed: where it was when time ran out
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        code = None
+    if log is not None:
+        log.write_text(out)
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if code or not lines:
+        tail = " | ".join(out.strip().splitlines()[-3:])[:600]
+        why = f"timed out after {a.timeout} s" if code is None else f"exit {code}"
+        return {"trained": False, "why": f"{why}: {tail}", "wall_s": round(time.perf_counter() - t, 1)}
     r = json.loads(lines[-1])
     return {"trained": True, "wall_s": round(time.perf_counter() - t, 1), "step_s": r["step_s"],
             "tokens_per_s": r["tokens_per_s"], "host_rss_gib": r["host_rss_gib"], "peak_gpu_gib": r["peak_gpu_gib"],
@@ -73,7 +81,8 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=1)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--try", dest="try_", action="store_true", help="train the largest that fits for two steps")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per try")
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per try")
+    ap.add_argument("--logs", default="", help="a directory for each try's whole output")
     ap.add_argument("--gpu-mem-gib", type=float, default=None)
     ap.add_argument("--host-mem-gib", type=float, default=None)
     a = ap.parse_args()

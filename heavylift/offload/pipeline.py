@@ -21,6 +21,9 @@ NVMe buckets (offload/nvme_ring.py draws their schedule) do not speculate: the w
 ahead into a ring of buffer sets from the start of the boundary backward, steps each one after the norm
 in place in its set, uploads from there and writes it back behind.
 
+The arithmetic of a bucket's step (which kernel, the scale and clip factors) is offload/bucket_step.py's;
+the floor probes the benchmark runs on these buckets are offload/floor_probes.py's.
+
 Only the autograd thread touches autograd, FSDP and ``.grad``; the worker touches host buffers, the
 copy into the device shard on its own stream, and threading events. Every device tensor a side stream
 reads stays referenced until that stream's event has completed, so the caching allocator never hands
@@ -44,10 +47,10 @@ from torch import Tensor
 from heavylift.config.errors import HeavyliftError
 from heavylift.dist.cores import current_plan, pin_current_thread
 from heavylift.dist.guard import guarded
+from heavylift.offload.bucket_step import BucketStepper
+from heavylift.offload.floor_probes import FloorProbes
 from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
-from heavylift.optim.adamw import AdamWHyper, adamw_step_, clip_coefficient, sum_of_squares
-from heavylift.optim.compact import STEPS as TORCH_COMPACT_STEPS
-from heavylift.optim.formats import StateFormat, native_step
+from heavylift.optim.adamw import AdamWHyper, clip_coefficient, sum_of_squares
 
 
 @dataclass
@@ -69,7 +72,7 @@ class _Pending:
     sumsq: Tensor | None = None  # device, float32
 
 
-class OffloadPipeline:
+class OffloadPipeline(FloorProbes):
     def __init__(
         self,
         buckets: list[BucketState],
@@ -85,14 +88,13 @@ class OffloadPipeline:
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
-        self._group_of_slot = group_of_slot
         self._hypers = hypers
         self._groups = sorted({group_of_slot(s) for b in buckets for s in b.slots})
-        self._step_hypers: dict[int, AdamWHyper] = {}
         self.device = device
         self._pg = process_group
         self.speculate = speculate
         self._native = native  # heavylift's CPU kernel module, or None: torch's fused kernel
+        self._stepper = BucketStepper(group_of_slot, native)  # the math of a bucket's step
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
         self._ring = ring  # offload.nvme_ring.NvmeRing of the NVMe buckets, or None
         self._cuda = device.type == "cuda"
@@ -108,7 +110,6 @@ class OffloadPipeline:
         self.cpu_seconds, self.cpu_params = 0.0, 0  # CPU steps: their measured rate
         self._link_down = self._link_up = 0  # bytes copied device->host (autograd thread), host->device (worker)
         self._speculate_now = speculate
-        self._widen: Tensor | None = None  # torch's kernel: the fp32 copy of a host bf16 gradient
         self._last_committed = True
         self.boundary = False
         self.in_backward = False
@@ -129,7 +130,7 @@ class OffloadPipeline:
         # pass, so after one the next step waits for the norm instead (exact either way).
         self._speculate_now = self.speculate and self._last_committed
         # Frozen now: the scheduler moves on at the end of finish_step while the worker may still run.
-        self._step_hypers: dict[int, AdamWHyper] = {g: self._hypers(g) for g in self._groups}
+        self._stepper.hypers = {g: self._hypers(g) for g in self._groups}
         self._pending = [_Pending() for _ in self.buckets]
         for ev in self._final:
             ev.clear()
@@ -213,7 +214,7 @@ class OffloadPipeline:
                 self._tasks.put(("finish", b, (found_inf, coef)))
             else:
                 if not found_inf:
-                    self._step_slots(bucket, pend.active, self.inv_scale, coef)
+                    self._stepper.step_slots(bucket, pend.active, self.inv_scale, coef)
                     for s in pend.active:
                         local_of(s.device_param).copy_(s.master)
                 self._final[b].set()
@@ -250,54 +251,6 @@ class OffloadPipeline:
     @property
     def kernel(self) -> str:
         return "native" if self._native is not None else "torch"
-
-    def time_host_pass(self) -> float:
-        """Seconds of one AdamW pass over every host bucket, the way the worker runs it (its thread count,
-        its kernel), with nothing else running; the state is left as it was. For the benchmark's floor."""
-        self.wait_all()
-        host = [b for b in self.buckets if b.on_host and not b.nvme]  # NVMe: their floor term is the disk
-        if not host:  # the placement moved every bucket to the GPU tail: no CPU optimizer work
-            return 0.0
-        slots = [s for b in host for s in b.slots]
-        self._step_hypers = {g: self._hypers(g) for g in self._groups}
-        out: dict[str, float] = {}
-
-        @torch.no_grad()
-        def run() -> None:
-            torch.set_num_threads(self._cpu_threads)
-            if self._double_buffered:  # writes the back buffers only: the state is untouched
-                t = time.perf_counter()
-                self._native_step(host[0].fmt, slots, 1.0, into_back=True)
-                out["s"] = time.perf_counter() - t
-                return
-            saved = [({k: v.clone() for k, v in s.state.items()}, s.step.clone()) for s in slots]
-            t = time.perf_counter()
-            for b in host:
-                self._step_slots(b, b.slots, 1.0, 1.0)
-            out["s"] = time.perf_counter() - t
-            for s, (state, st) in zip(slots, saved):
-                for k, v in state.items():
-                    s.state[k].copy_(v)
-                s.step.copy_(st)
-
-        th = threading.Thread(target=run)
-        th.start()
-        th.join()
-        return out["s"]
-
-    def time_disk_pass(self) -> float:
-        """Seconds to read every NVMe bucket's state through the ring and write it back unchanged, with its
-        read-ahead and write-behind and nothing else running: the disk's term of the benchmark's floor."""
-        self.wait_all()
-        if self._ring is None:
-            return 0.0
-        t = time.perf_counter()
-        self._ring.begin()
-        for b in self._ring.step_order:
-            self._ring.acquire(b)
-            self._ring.release(b, dirty=True)
-        self._ring.drain()
-        return time.perf_counter() - t
 
     def close(self) -> None:
         self._tasks.put(None)
@@ -339,10 +292,10 @@ class OffloadPipeline:
             self._wait_upload(b)
             with self._timed(pend.active):
                 if self._double_buffered:
-                    self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale, into_back=True)
+                    self._stepper.native_step(self.buckets[b].fmt, pend.active, self.inv_scale, into_back=True)
                 else:  # torch's kernel, fp32 state only (the compact formats are always double-buffered)
                     take_snapshot(pend.active)
-                    self._step_slots(self.buckets[b], pend.active, self.inv_scale, 1.0)
+                    self._stepper.step_slots(self.buckets[b], pend.active, self.inv_scale, 1.0)
             self._upload(b, back=self._double_buffered)
             pend.spec_ok = True
             self.stats["speculated"] += 1
@@ -364,7 +317,7 @@ class OffloadPipeline:
                     # the restored moments see the clipped gradient; an fp32 slot was unscaled in place
                     # (as clip_grad_norm_ would), a bf16 slot is never written
                     unscaled = pend.active[0].grad.dtype == torch.float32
-                    self._step_slots(self.buckets[b], pend.active, 1.0 if unscaled else self.inv_scale, coef)
+                    self._stepper.step_slots(self.buckets[b], pend.active, 1.0 if unscaled else self.inv_scale, coef)
                 self._upload(b)
         elif not found_inf:
             self._step_after_norm(b, pend, coef)
@@ -378,7 +331,7 @@ class OffloadPipeline:
                 self.stats["redone"] += 1
                 self._wait_upload(b)
                 with self._timed(pend.active):
-                    self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=True)
+                    self._stepper.native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=True)
                 self._upload(b, back=True)
             flip(pend.active)
             for s in pend.active:
@@ -400,11 +353,11 @@ class OffloadPipeline:
                 # the kernel a RAM bucket uses in this step, so where the state lives changes no bit of the
                 # result: the native one while speculating (double-buffered), else torch's
                 if self._native is not None and self._speculate_now:
-                    self._native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=False)
+                    self._stepper.native_step(self.buckets[b].fmt, pend.active, self.inv_scale * coef, into_back=False)
                     for s in pend.active:
                         s.step += 1
                 else:
-                    self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
+                    self._stepper.step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
             self._upload(b)
         self._ring.release(b, dirty=stepped, upload=self._upload_ev[b] if stepped else None)
 
@@ -413,7 +366,7 @@ class OffloadPipeline:
         """A bucket that did not speculate steps once the norm is known: in place, then uploaded."""
         self._wait_upload(b)
         with self._timed(pend.active):
-            self._step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
+            self._stepper.step_slots(self.buckets[b], pend.active, self.inv_scale, coef)
         self._upload(b)
 
     @contextlib.contextmanager
@@ -424,66 +377,6 @@ class OffloadPipeline:
         yield
         self.cpu_seconds += time.perf_counter() - t0
         self.cpu_params += sum(s.grad.numel() for s in slots)
-
-    def _native_step(self, fmt: StateFormat, slots: list[Slot], grad_mul: float, into_back: bool) -> None:
-        """heavylift's out-of-place kernel: reads the state, writes the back buffers (or in place);
-        step counters advance only on commit."""
-        for s in slots:
-            hp = self._step_hypers[self._group_of_slot(s)]
-            dst = s.back if into_back else s.state
-            native_step(self._native, fmt, s.state, dst, s.grad, hp, int(s.step) + 1, grad_mul, s.row_len, s.sr)
-
-    def _step_slots(self, bucket: BucketState, slots: list[Slot], inv_scale: float, coef: float) -> None:
-        """Unscale, clip (in place, as clip_grad_norm_ does, for fp32 state; inside the step for the
-        others) and AdamW-step the given slots of ``bucket``."""
-        if bucket.fmt.name != "fp32":
-            if bucket.on_host:  # the compact formats need heavylift's CPU kernel
-                self._native_step(bucket.fmt, slots, inv_scale * coef, into_back=False)
-            else:  # GPU tail in a compact format: the same math in torch ops
-                step = TORCH_COMPACT_STEPS[bucket.fmt.name]
-                counts = torch.stack([s.step for s in slots]).tolist() if slots else []  # one sync
-                for s, n in zip(slots, counts):
-                    hp = self._step_hypers[self._group_of_slot(s)]
-                    step(s.state, s.state, s.grad, hp, int(n) + 1, inv_scale * coef, s.row_len)
-            for s in slots:
-                s.step += 1
-            return
-        if slots and slots[0].grad.dtype != torch.float32:
-            self._torch_step_widened(slots, inv_scale, coef)
-            return
-        grads = [s.grad for s in slots]
-        if inv_scale != 1.0:
-            torch._foreach_mul_(grads, inv_scale)
-        if coef != 1.0:
-            torch._foreach_mul_(grads, coef)
-        by_group: dict[int, list[Slot]] = {}
-        for s in slots:
-            by_group.setdefault(self._group_of_slot(s), []).append(s)
-        for g, ss in by_group.items():
-            adamw_step_([s.master for s in ss], [s.grad for s in ss], [s.exp_avg for s in ss],
-                        [s.exp_avg_sq for s in ss], [s.step for s in ss], self._step_hypers[g])
-
-    def _torch_step_widened(self, slots: list[Slot], inv_scale: float, coef: float) -> None:
-        """torch's fused kernel wants an fp32 gradient: a bf16 slot is widened one parameter at a time
-        (never a bucket-sized temporary) and scaled there, the same multiplies in the same order as the
-        fp32 slot's in-place ones; the slot itself is left as it was (a clip redo reads it again). The fp32
-        copy of a host slot lives in one scratch buffer (worker thread only), reused across parameters and
-        steps: a fresh one per parameter page-faults its memory in every time, 4-6x slower on a 2-core box
-        (200 M params: 1.0-1.3 s against 0.18-0.32 s). A GPU tail's copy comes from the caching allocator."""
-        if not slots:
-            return
-        host = slots[0].grad.device.type == "cpu"
-        need = max(s.grad.numel() for s in slots)
-        if host and (self._widen is None or self._widen.numel() < need):
-            self._widen = torch.empty(need, dtype=torch.float32)
-        for s in slots:
-            g = self._widen[: s.grad.numel()].view_as(s.grad).copy_(s.grad) if host else s.grad.to(torch.float32)
-            if inv_scale != 1.0:
-                g.mul_(inv_scale)
-            if coef != 1.0:
-                g.mul_(coef)
-            adamw_step_([s.master], [g], [s.exp_avg], [s.exp_avg_sq], [s.step],
-                        self._step_hypers[self._group_of_slot(s)])
 
     def _upload(self, b: int, back: bool = False) -> None:
         slots = self.buckets[b].slots
