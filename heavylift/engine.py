@@ -20,15 +20,12 @@ from torch import nn
 from heavylift.config.errors import ConfigError
 from heavylift.config.schema import EngineConfig, validate
 from heavylift.dist.env import DistEnv, init_dist
-from heavylift.dist.guard import guarded
+from heavylift.engine_placement import InitPlacement
 from heavylift.models.loss import chunked_causal_lm_loss
-from heavylift.offload.buckets import BucketSpec, ParamSpec, plan_buckets, split_tail
+from heavylift.offload.buckets import ParamSpec, plan_buckets, split_tail
 from heavylift.offload.nvme_ring import NvmeRing
 from heavylift.offload.pipeline import OffloadPipeline, StepResult
-from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
-from heavylift.memory.constants import HOST_FIT_FRACTION
 from heavylift.offload.placement import AutoPlacement
-from heavylift.offload.tail import buckets_to_move
 from heavylift.offload.store import BucketState, Slot, allocate_bucket, local_of, migrate_to_tail, write_master
 from heavylift.optim.adamw import AdamWHyper
 from heavylift.optim import grad_slot
@@ -101,7 +98,7 @@ def _is_no_decay(name: str, p: torch.Tensor, patterns: tuple[str, ...]) -> bool:
     return p.dim() < 2 or any(pat in name for pat in patterns)
 
 
-class Engine:
+class Engine(InitPlacement):
     """Owns the sharded model, the state store, the pipeline and the step counters of one rank."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, weights: str | None = None, seq_len: int | None = None):
@@ -250,37 +247,6 @@ class Engine:
             self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,
                                            recompute=cfg.activation_checkpointing and cfg.recompute == "auto")
 
-    # ---- planning ---------------------------------------------------------------------------------
-    def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
-        """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
-        CUDA: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
-        in a tenth of the card; with the sequence length known, more where the host needs it to fit its RAM,
-        up to what the planner predicts the card holds beside the weights and activations (memory/plan.py
-        init_tail_params). The measured placement grows it after the first steps, and where the host holds
-        everything it decides alone (it may rather let blocks keep their activations). The planner's part
-        has not run on a GPU yet (session 3)."""
-        if self.device.type != "cuda":
-            return len(specs)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        if seq_len is not None and hasattr(model, "config"):
-            budget = self._planned_tail_params(model, seq_len, total)
-        else:
-            from heavylift.memory.plan import root_tail_params
-
-            root = max(s.unit for s in specs)
-            budget = root_tail_params(sum(s.numel for s in specs if s.unit == root),
-                                      FORMATS[self.state_format.tail].state_bytes, total)
-        return len(specs) - buckets_to_move([s.numel for s in specs], budget)
-
-    def _planned_tail_params(self, model: nn.Module, seq_len: int, gpu_total_bytes: int) -> int:
-        from heavylift.memory.model import shape_of_model
-        from heavylift.memory.plan import init_tail_params
-        from heavylift.memory.preflight import setup_for_engine
-
-        setup = setup_for_engine(self.config, seq_len, cuda=True)
-        avail = self._min_over_ranks(mem_available_bytes())  # every rank decides alike
-        return init_tail_params(shape_of_model(model), setup, gpu_total_bytes, avail)
-
     def _native_kernel(self, required: bool = False):
         from heavylift.config.errors import HeavyliftError
         from heavylift.optim import native
@@ -290,18 +256,6 @@ class Engine:
             raise HeavyliftError(f"offload.kernel 'native' could not be built ({native.failure()}): install a C++ "
                                  "compiler and ninja, or set offload.kernel: torch")
         return module
-
-    def _nvme_split(self, host_specs: list[BucketSpec]) -> int:
-        """How many of the earliest-arriving host buckets keep their state on NVMe (offload.device nvme):
-        ``offload.nvme_ratio`` of the host parameters, or as few as leave the rest fitting in RAM. Every rank
-        decides from the smallest MemAvailable any rank sees, so all ranks split alike."""
-        o = self.config.offload
-        if o.device != "nvme" or not host_specs:
-            return 0
-        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-        avail = None if o.nvme_ratio is not None else self._min_over_ranks(mem_available_bytes())
-        return nvme_split([s.numel for s in host_specs], self.state_format, o.nvme_ratio, avail, local,
-                          o.nvme_buffers, grad_slot.slot_bytes(self.grad_slot))
 
     def describe_placement(self) -> str:
         """The startup plan's line: where each bucket's optimizer state lives."""
@@ -326,44 +280,6 @@ class Engine:
             yield bucket
         if self.ring is not None:
             self.ring.let_go()
-
-    def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False,
-                   nvme_specs: list[BucketSpec] = ()) -> bool:
-        """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
-        (the format's back_bytes more per param, 12 for fp32; without it CPU buckets step after backward:
-        slower, same results)."""
-        n = sum(s.numel for s in host_specs)
-        fmt = self.state_format
-        slot = grad_slot.slot_bytes(self.grad_slot)
-        # NVMe buckets keep their gradient slot in RAM (pinned), and the ring holds a few buffer sets
-        n_nvme = sum(s.numel for s in nvme_specs)
-        ring = self.config.offload.nvme_buffers * max((s.numel for s in nvme_specs), default=0) * fmt.back_bytes
-        state, back = fmt.host_bytes(slot), fmt.back_bytes  # master + moments (+ scales) + grad slot; a second set
-        pin = self.config.offload.pin_memory and torch.cuda.is_available()
-        speculate = self.config.offload.speculate
-        # Every rank of this node allocates its share at once, and all ranks must decide alike: compare
-        # the node's need with the smallest MemAvailable any rank sees.
-        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-        avail = self._min_over_ranks(mem_available_bytes())
-        if speculate and avail is not None and local * (n * (state + back) + n_nvme * slot + ring) > HOST_FIT_FRACTION * avail:
-            speculate = False
-            if self.env.is_main:
-                log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
-                            "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
-        # gradient slot + master (+ the back master)
-        pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0)) \
-            + n_nvme * slot
-        check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring), int(pinned), pin,
-                          ranks_per_node=local, available=avail)
-        return speculate
-
-    def _min_over_ranks(self, value: int | None) -> int | None:
-        if value is None or self.env.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        with guarded("host-memory preflight all-reduce", device=self.device):
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
 
     # ---- hyper-parameters as the scheduler left them ------------------------------------------------
     def _slot_group(self, slot: Slot) -> int:

@@ -63,14 +63,15 @@ def test_fp16_overflow_steps_are_skipped_exactly_then_training_proceeds():
 def test_preflight_refuses_before_allocating(monkeypatch):
     import heavylift.offload.preflight as pf
 
-    import heavylift.engine as eng
+    import heavylift.engine as engine_module
+    import heavylift.engine_placement as eng
 
     monkeypatch.setattr(pf, "mem_available_bytes", lambda: 1024)
     monkeypatch.setattr(eng, "mem_available_bytes", lambda: 1024)
     allocated = []
 
-    real = eng.allocate_bucket
-    monkeypatch.setattr(eng, "allocate_bucket", lambda *a, **k: allocated.append(1) or real(*a, **k))
+    real = engine_module.allocate_bucket
+    monkeypatch.setattr(engine_module, "allocate_bucket", lambda *a, **k: allocated.append(1) or real(*a, **k))
     with pytest.raises(HeavyliftError, match="GiB of host RAM"):
         heavylift.initialize(model=tiny_model(), config=EngineConfig())
     assert not allocated
@@ -87,7 +88,7 @@ def test_pinned_limit_error_names_the_fix(monkeypatch):
 
 
 def test_speculation_snapshot_dropped_when_it_does_not_fit(monkeypatch):
-    import heavylift.engine as eng
+    import heavylift.engine_placement as eng
     import heavylift.offload.preflight as pf
 
     n = sum(p.numel() for p in tiny_model().parameters())

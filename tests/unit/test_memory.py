@@ -416,7 +416,7 @@ def test_nvme_auto_split_is_the_engines(monkeypatch):
     MemAvailable as the engine sees it (after the runtime and the model's loading)."""
     import types
 
-    import heavylift.engine as engine
+    import heavylift.engine_placement as engine
     from heavylift.memory import HOST_RUNTIME_BYTES
     from heavylift.memory.plan import _buckets
     from heavylift.offload.buckets import split_tail
@@ -434,7 +434,7 @@ def test_nvme_auto_split_is_the_engines(monkeypatch):
         fake = types.SimpleNamespace(config=types.SimpleNamespace(offload=types.SimpleNamespace(
             device="nvme", nvme_ratio=None, nvme_buffers=3)), _min_over_ranks=lambda x: x,
             state_format=FORMATS[fmt], grad_slot="bf16")
-        k = engine.Engine._nvme_split(fake, host_specs)
+        k = engine.InitPlacement._nvme_split(fake, host_specs)
         assert 0 < k < len(host_specs) and p.nvme_params == sum(b.numel for b in host_specs[:k])
         assert p.verdicts["host"] == "fits"
 

@@ -1,0 +1,106 @@
+"""Where the engine puts each bucket's optimizer state at init, decided before anything is allocated: the
+GPU tail (the root unit, or the planner's share where the host needs it), the NVMe share, and the host-RAM
+preflight that refuses what cannot fit and drops speculation's second buffer set where only it does not.
+Every rank decides from the smallest MemAvailable any rank sees, so all ranks place alike. A mixin of
+:class:`~heavylift.engine.Engine` (it reads the engine's config, device and format)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from heavylift.dist.guard import guarded
+from heavylift.memory.constants import HOST_FIT_FRACTION
+from heavylift.offload.buckets import BucketSpec
+from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
+from heavylift.offload.tail import buckets_to_move
+from heavylift.optim import grad_slot
+from heavylift.optim.formats import FORMATS
+
+log = logging.getLogger("heavylift")
+
+
+class InitPlacement:
+    def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
+        """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
+        CUDA: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
+        in a tenth of the card; with the sequence length known, more where the host needs it to fit its RAM,
+        up to what the planner predicts the card holds beside the weights and activations (memory/plan.py
+        init_tail_params). The measured placement grows it after the first steps, and where the host holds
+        everything it decides alone (it may rather let blocks keep their activations). The planner's part
+        has not run on a GPU yet (session 3)."""
+        if self.device.type != "cuda":
+            return len(specs)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if seq_len is not None and hasattr(model, "config"):
+            budget = self._planned_tail_params(model, seq_len, total)
+        else:
+            from heavylift.memory.plan import root_tail_params
+
+            root = max(s.unit for s in specs)
+            budget = root_tail_params(sum(s.numel for s in specs if s.unit == root),
+                                      FORMATS[self.state_format.tail].state_bytes, total)
+        return len(specs) - buckets_to_move([s.numel for s in specs], budget)
+
+    def _planned_tail_params(self, model: nn.Module, seq_len: int, gpu_total_bytes: int) -> int:
+        from heavylift.memory.model import shape_of_model
+        from heavylift.memory.plan import init_tail_params
+        from heavylift.memory.preflight import setup_for_engine
+
+        setup = setup_for_engine(self.config, seq_len, cuda=True)
+        avail = self._min_over_ranks(mem_available_bytes())  # every rank decides alike
+        return init_tail_params(shape_of_model(model), setup, gpu_total_bytes, avail)
+
+    def _nvme_split(self, host_specs: list[BucketSpec]) -> int:
+        """How many of the earliest-arriving host buckets keep their state on NVMe (offload.device nvme):
+        ``offload.nvme_ratio`` of the host parameters, or as few as leave the rest fitting in RAM. Every rank
+        decides from the smallest MemAvailable any rank sees, so all ranks split alike."""
+        o = self.config.offload
+        if o.device != "nvme" or not host_specs:
+            return 0
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        avail = None if o.nvme_ratio is not None else self._min_over_ranks(mem_available_bytes())
+        return nvme_split([s.numel for s in host_specs], self.state_format, o.nvme_ratio, avail, local,
+                          o.nvme_buffers, grad_slot.slot_bytes(self.grad_slot))
+
+    def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False,
+                   nvme_specs: list[BucketSpec] = ()) -> bool:
+        """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
+        (the format's back_bytes more per param, 12 for fp32; without it CPU buckets step after backward:
+        slower, same results)."""
+        n = sum(s.numel for s in host_specs)
+        fmt = self.state_format
+        slot = grad_slot.slot_bytes(self.grad_slot)
+        # NVMe buckets keep their gradient slot in RAM (pinned), and the ring holds a few buffer sets
+        n_nvme = sum(s.numel for s in nvme_specs)
+        ring = self.config.offload.nvme_buffers * max((s.numel for s in nvme_specs), default=0) * fmt.back_bytes
+        state, back = fmt.host_bytes(slot), fmt.back_bytes  # master + moments (+ scales) + grad slot; a second set
+        pin = self.config.offload.pin_memory and torch.cuda.is_available()
+        speculate = self.config.offload.speculate
+        # Every rank of this node allocates its share at once, and all ranks must decide alike: compare
+        # the node's need with the smallest MemAvailable any rank sees.
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        avail = self._min_over_ranks(mem_available_bytes())
+        if speculate and avail is not None and local * (n * (state + back) + n_nvme * slot + ring) > HOST_FIT_FRACTION * avail:
+            speculate = False
+            if self.env.is_main:
+                log.warning("offload.speculate turned off: its second buffer set (%.1f GiB per rank) does not fit "
+                            "beside the state in host RAM (%.1f GiB available)", n * back / 2**30, avail / 2**30)
+        # gradient slot + master (+ the back master)
+        pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0)) \
+            + n_nvme * slot
+        check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring), int(pinned), pin,
+                          ranks_per_node=local, available=avail)
+        return speculate
+
+    def _min_over_ranks(self, value: int | None) -> int | None:
+        if value is None or self.env.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        with guarded("host-memory preflight all-reduce", device=self.device):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
