@@ -9,6 +9,8 @@
 #   PART=scale   issue 7: bench --gpus COUNTS (weak scaling), PEERS at the largest count, nvidia-h200-x4
 #   PART=big     issue 6: kernel speed per format, qwen3-14b in FMT on one GPU (nvidia-h200)
 #   PART=nvme    issue 6: qwen3-4b with NVME_RATIO of the host state on disk vs all in RAM (nvidia-h200)
+#   PART=assist  issue 6/8: offload.gpu_assist phases (0 = off) on clipped steps: qwen3-4b with 80% of the
+#                params stepped on the host (fp32), then qwen3-14b in int8-moments (nvidia-h200)
 #   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
 #                fits on this box, then two steps of it (benchmarks/largest_model.py --try)
 #   PART=70b     issue 7: estimate + bench of the Llama-70B shape on 4 GPUs in FMT (nvidia-h200-x4)
@@ -97,6 +99,16 @@ nvme)
       $( [ $dev = nvme ] && echo --nvme-path /tmp/nvme --nvme-ratio ${NVME_RATIO:-0.5} ) > "$OUT/step-$dev.jsonl" 2> "$OUT/step-$dev.err"
     tail -c 600 "$OUT/step-$dev.jsonl"; echo
   done
+  ;;
+assist)
+  timeout 270 python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --warmup 3 --steps 3 \
+    --ratio 0.8 --gpu-assist "${ASSISTS:-0,0.3,0.5,0.7}" > "$OUT/assist-4b.jsonl" 2> "$OUT/assist-4b.err"
+  timeout 300 python -m heavylift.benchmark.step --model qwen3-14b --seq 4096 --mbs 1 --accum 2 --warmup 3 \
+    --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-0,0.5}" > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
+  for f in assist-4b assist-14b; do python -c "import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l); print(sys.argv[1][-16:], r['gpu_assist'], r['step_s'], r['forward_wait_s'], r['speculation'], r['floor'])" \
+    "$OUT/$f.jsonl"; tail -2 "$OUT/$f.err"; done
   ;;
 largest)
   # one format per call: a 13-25 B try takes minutes (init pins ~110 GiB; 200 s was not enough in session 4)

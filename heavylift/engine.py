@@ -223,7 +223,8 @@ class Engine(InitPlacement):
         self.pipeline = OffloadPipeline(
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
-            ring=self.ring,
+            ring=self.ring, gpu_assist=cfg.offload.gpu_assist,
+            pin=cfg.offload.pin_memory and torch.cuda.is_available(),
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)

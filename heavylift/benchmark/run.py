@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--state-format", default="fp32")
+    p.add_argument("--gpu-assist", type=float, default=0.0, help="offload.gpu_assist for heavylift's run")
     p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
     p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--peer-timeout", type=int, default=420)
@@ -58,7 +59,7 @@ def step_command(a: argparse.Namespace, gpus: int) -> list[str]:
     """heavylift's step benchmark, under torchrun with ``gpus`` ranks when more than one."""
     return [*launcher(gpus), "-m", "heavylift.benchmark.step", "--model", a.model, "--seq", str(a.seq),
             "--mbs", str(a.mbs), "--accum", str(a.accum), "--clip", str(a.clip), "--steps", str(a.steps),
-            "--state-format", a.state_format]
+            "--state-format", a.state_format, "--gpu-assist", str(a.gpu_assist)]
 
 
 def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:

@@ -68,8 +68,9 @@ def _batch(cfg, a) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device="cuda")
 
 
-def measure_steps(engine, cfg, a, clip: float) -> dict:
+def measure_steps(engine, cfg, a, clip: float, assist: float = 0.0) -> dict:
     engine.config.optim.max_grad_norm = clip
+    engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
     spec0 = dict(engine.pipeline.stats)
     times, waits, norms = [], [], []
     for step in range(a.warmup + a.steps):
@@ -85,7 +86,8 @@ def measure_steps(engine, cfg, a, clip: float) -> dict:
             waits.append(engine.pipeline.wait_seconds - w0)
             norms.append(engine.last_step.grad_norm)
     engine.pipeline.wait_all()
-    return {"clip": clip, "step_s": statistics.median(times), "step_times": [round(x, 3) for x in times],
+    return {"clip": clip, "gpu_assist": assist, "step_s": statistics.median(times),
+            "step_times": [round(x, 3) for x in times],
             "forward_wait_s": statistics.median(waits), "grad_norms": norms,
             "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0}}
 
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nvme-path", default="", help="offload.device nvme with its state file here")
     ap.add_argument("--nvme-ratio", type=float, default=-1.0, help="offload.nvme_ratio; < 0: automatic")
     ap.add_argument("--kernel", default="auto")
+    ap.add_argument("--gpu-assist", default="0", help="comma-separated offload.gpu_assist values, one measured "
+                    "phase each (after each clip value)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     model, cfg = build(a.model, a.layers)
     nparams = sum(p.numel() for p in model.parameters())
     clips = [float(c) for c in a.clip.split(",")]
+    assists = [float(f) for f in a.gpu_assist.split(",")]
     ec = EngineConfig()
     ec.precision.dtype = "bf16"
     ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, clips[0], 0.0
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.nvme_path:
         ec.offload.device, ec.offload.nvme_path = "nvme", a.nvme_path
         ec.offload.nvme_ratio = None if a.nvme_ratio < 0 else a.nvme_ratio
+    ec.offload.gpu_assist = max(assists)
     ec.loss_chunk_tokens = a.loss_chunk_tokens
     ec.compile, ec.recompute = a.compile, a.recompute
     engine = heavylift.initialize(model=model, config=ec, seq_len=a.seq)[0]  # seq: the tail at init, as train
@@ -223,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens = a.mbs * a.seq * a.accum
     flops = model_flops_per_token(cfg, nparams, a.seq) * tokens
     phases = []
-    for clip in clips:
-        phases.append(measure_steps(engine, cfg, a, clip))
+    for clip, assist in [(c, f) for c in clips for f in assists]:
+        phases.append(measure_steps(engine, cfg, a, clip, assist))
         print("phase", json.dumps(phases[-1]), file=sys.stderr, flush=True)
     floor = measure_floor(engine, cfg, a) if a.floor else {"floor_s": None}
     common = {

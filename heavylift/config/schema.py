@@ -77,6 +77,11 @@ class OffloadConfig:
     # Fraction of buckets (in gradient-arrival order) stepped on the CPU; the rest (the buckets whose
     # gradients arrive last) keep their optimizer state on the GPU. None: chosen automatically.
     ratio: float | None = None
+    # Share (by parameters, 0-1) of the RAM buckets the GPU steps in a step that did not speculate (it
+    # clipped last time, or speculation is off): their state goes up the link, is stepped with the GPU
+    # tail's arithmetic and comes back, while the CPU steps the rest (offload/assist.py). 0: off. Formats:
+    # fp32, int8-moments, bf16-master.
+    gpu_assist: float = 0.0
     # Optimizer threads per rank; 0 means chosen from the cores this rank may use.
     cpu_threads: int = 0
     # Step CPU buckets during backward, before the global norm is known (exactly undone or redone if
@@ -167,6 +172,9 @@ def validate(cfg: EngineConfig) -> EngineConfig:
            "null unless offload.device is nvme")
     _check(f.nvme_buffers >= 1, "offload.nvme_buffers", f.nvme_buffers, "an integer >= 1 (3 or 4 is typical)")
     _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
+    _check(0.0 <= f.gpu_assist <= 1.0, "offload.gpu_assist", f.gpu_assist, "a fraction in [0, 1] (0: off)")
+    _check(f.gpu_assist == 0.0 or f.state_format in ("fp32", "int8-moments", "bf16-master"), "offload.gpu_assist",
+           f.gpu_assist, f"0 with state_format {f.state_format!r} (the GPU steps fp32, int8-moments and bf16-master)")
     _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")
     _check(f.state_format in STATE_FORMATS, "offload.state_format", f.state_format,

@@ -33,15 +33,18 @@ class BucketStepper:
             dst = s.back if into_back else s.state
             native_step(self.native, fmt, s.state, dst, s.grad, hp, int(s.step) + 1, grad_mul, s.row_len, s.sr)
 
-    def step_slots(self, bucket: BucketState, slots: list[Slot], inv_scale: float, coef: float) -> None:
+    def step_slots(self, bucket: BucketState, slots: list[Slot], inv_scale: float, coef: float,
+                   counts: list[int] | None = None) -> None:
         """Unscale, clip (in place, as clip_grad_norm_ does, for fp32 state; inside the step for the
-        others) and AdamW-step the given slots of ``bucket``."""
+        others) and AdamW-step the given slots of ``bucket``. ``counts``: the slots' step counts where the
+        caller knows them (a GPU tail in a compact format otherwise reads them back from the device)."""
         if bucket.fmt.name != "fp32":
             if bucket.on_host:  # the compact formats need heavylift's CPU kernel
                 self.native_step(bucket.fmt, slots, inv_scale * coef, into_back=False)
             else:  # GPU tail in a compact format: the same math in torch ops
                 step = TORCH_COMPACT_STEPS[bucket.fmt.name]
-                counts = torch.stack([s.step for s in slots]).tolist() if slots else []  # one sync
+                if counts is None:
+                    counts = torch.stack([s.step for s in slots]).tolist() if slots else []  # one sync
                 for s, n in zip(slots, counts):
                     hp = self.hypers[self.group_of_slot(s)]
                     step(s.state, s.state, s.grad, hp, int(n) + 1, inv_scale * coef, s.row_len)

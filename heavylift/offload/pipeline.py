@@ -47,6 +47,7 @@ from torch import Tensor
 from heavylift.config.errors import HeavyliftError
 from heavylift.dist.cores import current_plan, pin_current_thread
 from heavylift.dist.guard import guarded
+from heavylift.offload.assist import MAX_SLOT_PARAMS, GpuAssist, assisted
 from heavylift.offload.bucket_step import BucketStepper
 from heavylift.offload.floor_probes import FloorProbes
 from heavylift.offload.store import BucketState, Slot, flip, local_of, restore_snapshot, take_snapshot
@@ -85,6 +86,8 @@ class OffloadPipeline(FloorProbes):
         cpu_threads: int,
         native=None,
         ring=None,
+        gpu_assist: float = 0.0,
+        pin: bool = False,
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -97,6 +100,8 @@ class OffloadPipeline(FloorProbes):
         self._stepper = BucketStepper(group_of_slot, native)  # the math of a bucket's step
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
         self._ring = ring  # offload.nvme_ring.NvmeRing of the NVMe buckets, or None
+        self.gpu_assist = gpu_assist  # offload.gpu_assist: share of a non-speculative step's host buckets
+        self.pin = pin  # host buffers may be page-locked (CUDA and offload.pin_memory)
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
@@ -105,7 +110,7 @@ class OffloadPipeline(FloorProbes):
         for ev in self._final:
             ev.set()
         self._pending: list[_Pending] = [_Pending() for _ in buckets]
-        self.stats = {"speculated": 0, "redone": 0, "undone": 0}  # buckets, over the run
+        self.stats = {"speculated": 0, "redone": 0, "undone": 0, "assisted": 0}  # buckets, over the run
         self.wait_seconds = 0.0  # autograd thread blocked in forward pre-hooks (exposed optimizer time)
         self.cpu_seconds, self.cpu_params = 0.0, 0  # CPU steps: their measured rate
         self._link_down = self._link_up = 0  # bytes copied device->host (autograd thread), host->device (worker)
@@ -119,6 +124,7 @@ class OffloadPipeline(FloorProbes):
         self._cpu_threads = cpu_threads
         self._worker = threading.Thread(target=self._work, name="heavylift-cpu-adamw", daemon=True)
         self._worker.start()
+        self._assist = GpuAssist(self) if gpu_assist > 0 else None
 
     # ---- autograd thread: backward ------------------------------------------------------------
     def begin_boundary_backward(self, inv_scale: float) -> None:
@@ -205,11 +211,14 @@ class OffloadPipeline(FloorProbes):
         norm = math.sqrt(total_sq) * self.inv_scale if not found_inf else float("inf")
         coef = 1.0 if found_inf else clip_coefficient(norm, max_norm)
         self._last_committed = not found_inf and coef == 1.0
+        gpu = self._assisted_now()
         # Forward order: the next forward needs the first layers first, so step those first.
         for b in reversed(range(len(self.buckets))):
             bucket, pend = self.buckets[b], self._pending[b]
             if not pend.dispatched and not bucket.nvme:
                 self._final[b].set()
+            elif b in gpu:
+                self._assist.submit(b, found_inf, coef)
             elif bucket.on_host:  # NVMe buckets always: the ring reads them in this order
                 self._tasks.put(("finish", b, (found_inf, coef)))
             else:
@@ -219,6 +228,15 @@ class OffloadPipeline(FloorProbes):
                         local_of(s.device_param).copy_(s.master)
                 self._final[b].set()
         return StepResult(grad_norm=norm, clip_coef=coef, skipped=found_inf)
+
+    def _assisted_now(self) -> set[int]:
+        """The RAM buckets the GPU steps in this step (offload/assist.py): only in a step that did not
+        speculate, where the CPU's pass would otherwise start after the norm alone."""
+        if self._assist is None or self._speculate_now:
+            return set()
+        ram = [b.spec.index for b in self.buckets if b.on_host and not b.nvme
+               and max((p.numel for p in b.spec.params), default=0) <= MAX_SLOT_PARAMS]
+        return assisted(ram, {b.spec.index: b.spec.numel for b in self.buckets}, self.gpu_assist)
 
     # ---- autograd thread: forward ---------------------------------------------------------------
     def wait_buckets(self, indices: list[int]) -> None:
@@ -255,6 +273,8 @@ class OffloadPipeline(FloorProbes):
     def close(self) -> None:
         self._tasks.put(None)
         self._worker.join(timeout=60)
+        if self._assist is not None:
+            self._assist.close()
 
     # ---- worker thread ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -277,11 +297,15 @@ class OffloadPipeline(FloorProbes):
                 else:
                     self._finish(b, *args)
             except BaseException as exc:  # surfaced on the autograd thread at its next wait
-                self._error = self._error or exc  # the first is the cause; later tasks fail in its wake
-                for ev in self._final:
-                    ev.set()
-                for p in self._pending:
-                    p.speculated.set()
+                self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A worker (CPU or assist) failed: keep the first cause and release every waiter."""
+        self._error = self._error or exc  # the first is the cause; later tasks fail in its wake
+        for ev in self._final:
+            ev.set()
+        for p in self._pending:
+            p.speculated.set()
 
     def _land(self, b: int, ev, grads: list[Tensor], host_sumsq: Tensor) -> None:
         pend = self._pending[b]

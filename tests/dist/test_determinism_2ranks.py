@@ -7,14 +7,10 @@ same mistake in the library, a DeepSpeed config's batch keys read for one rank b
 tests/unit/test_deepspeed_import.py.)
 """
 
-import json
-import os
-
 import pytest
-import torch.multiprocessing as mp
 
 from support.equivalence import Case
-from support.spawn import free_port, rank_env
+from support.spawn import publish, rank_env, spawn_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -35,25 +31,12 @@ def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str) -> 
         differ = [i for i, (a, b) in enumerate(zip(first["state"], second["state"])) if not torch.equal(a, b)]
         out[case.name] = {"differ": differ, "tensors": len(first["state"]), "stats": first["stats"],
                           "norms": [first["norms"], second["norms"]]}
-    everyone = [None] * world
-    torch.distributed.all_gather_object(everyone, out)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(everyone, f)
-    from heavylift.dist.env import shutdown
-
-    shutdown()
+    publish(out, out_path)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from heavylift.optim import native
-
-    native.load()  # once here: two ranks building it would race for the same build directory
-    out = tmp_path_factory.mktemp("dist") / "results.json"
-    tests_dir = os.path.dirname(os.path.dirname(__file__))
-    mp.spawn(_worker, args=(2, free_port(), str(out), tests_dir), nprocs=2, join=True)
-    return json.loads(out.read_text())
+    return spawn_ranks(_worker, 2, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

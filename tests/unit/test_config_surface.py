@@ -18,7 +18,7 @@ KEYS = [
     "engine.precision.dtype", "engine.precision.loss_scale", "engine.precision.initial_scale_power",
     "engine.precision.loss_scale_window", "engine.precision.hysteresis", "engine.precision.min_loss_scale",
     "engine.offload.device", "engine.offload.nvme_path", "engine.offload.nvme_ratio", "engine.offload.nvme_buffers",
-    "engine.offload.pin_memory", "engine.offload.ratio", "engine.offload.cpu_threads",
+    "engine.offload.pin_memory", "engine.offload.ratio", "engine.offload.gpu_assist", "engine.offload.cpu_threads",
     "engine.offload.speculate", "engine.offload.bucket_params", "engine.offload.kernel",
     "engine.offload.state_format", "engine.offload.grad_slot",
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
@@ -69,7 +69,7 @@ ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "
                   "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
                   "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--nvme-gbs",
                   "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
-BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--peers-dir",
+BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--gpu-assist", "--peers-dir",
                "--peers", "--peer-timeout", "--out"]
 
 

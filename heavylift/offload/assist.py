@@ -1,0 +1,162 @@
+"""GPU assist: after the norm, part of the host buckets step on the GPU while the CPU steps the rest.
+
+A step that did not speculate (it clipped last time, speculation is off, or its second buffer set did not
+fit) can only start its host buckets' AdamW once the global norm is known, after the last backward. The
+CPU then steps every host bucket in forward order and the next forward follows it layer by layer: the
+part of that pass the forward cannot hide is exposed (session 4, qwen3-14b on one H200: 2.3 s of a
+5.1 s step). With ``offload.gpu_assist`` f > 0, a fixed, interleaved share f of those buckets (by
+parameters, every k-th in forward order) takes another road: its state and gradient go up the link, the
+GPU tail's arithmetic steps it, the new master lands in the device parameter and the state goes back down.
+The CPU and the link then work on the same pass at once::
+
+    autograd thread   finish_step: norm ------------------------------------------> next forward (per layer)
+    CPU worker                     step b0 ---> step b2 ---> step b3 ---> step b5 ...   (upload each)
+    assist thread                  b1: up state+grad | step on GPU | param | down state   b4: ...
+                                        (h2d)        (assist stream)        (d2h)
+
+A bucket's result depends on which road it took only through the kernel: fp32 state steps in torch's
+fused AdamW on either road (the same arithmetic; bitwise equal where the device is the CPU, as in the
+tests); int8-moments and bf16-master step in their torch ops on the GPU, as the GPU tail does, against the
+native kernel on the CPU (both within the format's bound of the float64 reference). The assignment is a
+function of the host buckets alone, so a resumed run assigns alike. Its gradient and state cross the link
+per parameter (one slot at a time; a bucket with a slot over MAX_SLOT_PARAMS stays on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+
+import torch
+from heavylift.offload.bucket_step import BucketStepper
+from heavylift.offload.store import BucketState, Slot, local_of
+
+# Formats whose host state the GPU steps in the same format (its tail format is itself).
+ASSIST_FORMATS = ("fp32", "int8-moments", "bf16-master")
+# A bucket with a larger slot stays on the CPU road: one slot's device copies (state, gradient and its fp32
+# widening: <= 18 B/param, 2.3 GB at this size) must fit inside the placement's margin of the card (10% + 2
+# GiB, offload/tail.py), which the planner does not otherwise spend on this.
+MAX_SLOT_PARAMS = 128 * 2**20
+
+
+def assisted(host_buckets: list[int], sizes: dict[int, int], fraction: float) -> set[int]:
+    """The buckets (indices; forward order is descending index) the GPU steps: walking in forward order,
+    a bucket is taken whenever that brings the assisted parameters closer to ``fraction`` of those seen so
+    far, so the two roads interleave (0.5 with equal buckets: every second one, the first on the CPU); pure."""
+    chosen: set[int] = set()
+    if fraction <= 0:
+        return chosen
+    seen = taken = 0
+    for b in sorted(host_buckets, reverse=True):
+        seen += sizes[b]
+        if taken + sizes[b] / 2 < fraction * seen:
+            chosen.add(b)
+            taken += sizes[b]
+    return chosen
+
+
+class GpuAssist:
+    """The assist thread of one pipeline: ``submit`` in forward order; each bucket is stepped on the
+    device (``run``), then its ``_final`` event is set, as the CPU worker does for its own."""
+
+    def __init__(self, pipeline):
+        self.p = pipeline
+        self.cuda = pipeline.device.type == "cuda"
+        # its own stepper: the CPU worker's keeps a scratch buffer that only one thread may use
+        self.stepper = BucketStepper(pipeline._stepper.group_of_slot, pipeline._stepper.native)
+        self.stream = torch.cuda.Stream(pipeline.device) if self.cuda else None
+        self._pinned: set[int] = set()
+        self._tasks: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="heavylift-gpu-assist", daemon=True)
+        self._thread.start()
+
+    def submit(self, b: int, found_inf: bool, coef: float) -> None:
+        self._tasks.put((b, found_inf, coef))
+
+    def close(self) -> None:
+        self._tasks.put(None)
+        self._thread.join(timeout=60)
+
+    @torch.no_grad()
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            b, found_inf, coef = task
+            try:
+                self.run(b, found_inf, coef)
+            except BaseException as exc:  # surfaced on the autograd thread at its next wait
+                self.p._fail(exc)
+            finally:
+                self.p._final[b].set()
+
+    def run(self, b: int, found_inf: bool, coef: float) -> None:
+        """Step bucket ``b`` on the device, one slot at a time on the assist stream: up (state, gradient,
+        step count), the tail's arithmetic, the master into the device parameter, the state back down. One
+        event after the last copy down stands for both "the parameter is final" and "the host state is
+        current" (``pipeline._upload_ev[b]``). Device copies are freed as the loop moves on; the caching
+        allocator reuses them in this stream's order, so about one slot's copies are alive at a time."""
+        p = self.p
+        pend, bucket = p._pending[b], p.buckets[b]
+        pend.speculated.wait()  # the CPU worker has seen its gradient land in the host slot
+        p._wait_upload(b)
+        if found_inf or not pend.active:
+            return
+        self._pin(b, bucket)
+        self.stepper.hypers = p._stepper.hypers  # this step's, frozen at the boundary
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            for s in pend.active:
+                count = int(s.step)  # the host's count: no read-back from the device, which would wait
+                dev = _up(s, p.device, count)
+                self.stepper.step_slots(_DEVICE_BUCKET[bucket.fmt.name], [dev], p.inv_scale, coef, counts=[count])
+                local_of(s.device_param).copy_(dev.state["master"], non_blocking=self.cuda)
+                for k, t in s.state.items():
+                    t.copy_(dev.state[k], non_blocking=self.cuda)
+                s.step += 1
+            if self.cuda:
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                p._upload_ev[b] = ev
+        p.stats["assisted"] += 1
+
+    def _pin(self, b: int, bucket: BucketState) -> None:
+        """Page-lock the state buffers the CPU road never sends over the link (the moments), once, so the
+        copies up and down run at the link's speed; if the driver refuses, they stay pageable (slower)."""
+        if not self.cuda or b in self._pinned or not self.p.pin:
+            return
+        from heavylift.offload.pinned import register
+
+        for name, t in bucket.flats.items():
+            if name in bucket.fmt.kinds and not any(x.kind == name and x.link for x in bucket.fmt.buffers):
+                if not t.is_pinned():
+                    register(t)
+        self._pinned.add(b)
+
+
+def _up(s: Slot, device: torch.device, count: int) -> Slot:
+    """A device copy of the slot: its state and gradient (copied up on the current stream) and its step
+    count (a fill, not a copy from pageable memory, which would wait for the stream); the same row length and
+    spec, so the quantization blocks and the hyper-parameters are the host's."""
+    cuda = device.type == "cuda"
+    state = {k: t.to(device, non_blocking=cuda, copy=True) for k, t in s.state.items()}
+    return dataclasses.replace(s, state=state, grad=s.grad.to(device, non_blocking=cuda, copy=True),
+                               step=torch.full((), float(count), dtype=torch.float32, device=device),
+                               snap=None, back=None)
+
+
+@dataclasses.dataclass
+class _DeviceBucket:
+    """What ``BucketStepper.step_slots`` reads of a bucket: its format and that it is not on the host
+    (so the compact formats take their torch ops, as the GPU tail does)."""
+
+    fmt: object
+    on_host: bool = False
+
+
+def _device_buckets() -> dict[str, _DeviceBucket]:
+    from heavylift.optim.formats import FORMATS
+
+    return {name: _DeviceBucket(FORMATS[name]) for name in ASSIST_FORMATS}
+
+
+_DEVICE_BUCKET = _device_buckets()
