@@ -11,6 +11,9 @@
 #   PART=nvme    issue 6: qwen3-4b with NVME_RATIO of the host state on disk vs all in RAM (nvidia-h200)
 #   PART=assist  issue 6/8: offload.gpu_assist phases (0 = off) on clipped steps: qwen3-4b with 80% of the
 #                params stepped on the host (fp32), then qwen3-14b in int8-moments (nvidia-h200)
+#   PART=accuracy issue 6 item 2 at a larger scale: the qwen3-4b shape (random init: the box has no network)
+#                trained on the bundled data in each of FORMATS (3 fit a call: ~2.5 min each), every bucket's
+#                state on the host (ratio 1.0: the host kernels, not the GPU tail's)
 #   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
 #                fits on this box, then two steps of it (benchmarks/largest_model.py --try)
 #   PART=70b     issue 7: estimate + bench of the Llama-70B shape on 4 GPUs in FMT (nvidia-h200-x4)
@@ -109,6 +112,12 @@ assist)
 for l in open(sys.argv[1]):
     r = json.loads(l); print(sys.argv[1][-16:], r['gpu_assist'], r['step_s'], r['forward_wait_s'], r['speculation'], r['floor'])" \
     "$OUT/$f.jsonl"; tail -2 "$OUT/$f.err"; done
+  ;;
+accuracy)
+  timeout 575 python benchmarks/format_accuracy.py --out-dir /tmp/acc --eval-every 4 --max-steps 12 \
+    --formats "${FORMATS:-fp32,bf16-master-int8,int8-moments}" -- --model qwen3-4b \
+    --seq_len 512 --engine.batch.micro_batch_size 4 --engine.offload.ratio 1.0 > "$OUT/accuracy.log" 2>&1
+  cp /tmp/acc/accuracy.json /tmp/acc/train_loss.png "$OUT/" 2>/dev/null; tail -8 "$OUT/accuracy.log"
   ;;
 largest)
   # one format per call: a 13-25 B try takes minutes (init pins ~110 GiB; 200 s was not enough in session 4)

@@ -12,7 +12,8 @@ def combine_ranks(lines: list[dict]) -> dict:
     if len(lines) == 1:
         return {**lines[0], "gpus": 1}
     n = len(lines)
-    floor = {k: max(r["floor"][k] for r in lines) for k in lines[0]["floor"]}
+    floor = {k: None if any(r["floor"][k] is None for r in lines) else max(r["floor"][k] for r in lines)
+             for k in lines[0]["floor"]}  # None: not measured (step benchmark --floor 0)
     out = {**lines[0], "gpus": n, "floor": floor,
            "step_s": max(r["step_s"] for r in lines),
            "tokens_per_s": round(sum(r["tokens_per_s"] for r in lines), 1),
@@ -20,7 +21,7 @@ def combine_ranks(lines: list[dict]) -> dict:
            "peak_gpu_gib": max(r["peak_gpu_gib"] for r in lines),
            "host_rss_gib": round(sum(r["host_rss_gib"] for r in lines), 2),
            "forward_wait_s": max(r["forward_wait_s"] for r in lines)}
-    out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3)
+    out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None
     return out
 
 

@@ -125,6 +125,9 @@ def test_heavylift_ranks_combined_and_weak_scaling():
     assert two["tflops"] == 280.0 and two["peak_gpu_gib"] == 61.0 and two["host_rss_gib"] == 100.0
     assert two["floor"] == {"fwd_bwd_s": 1.3, "cpu_optimizer_s": 0.7, "link_s": 0.2, "floor_s": 1.3}
     assert combine_ranks([r0]) == {**r0, "gpus": 1}
+    unmeasured = [{**r, "floor": {"floor_s": None}} for r in (r0, r1)]  # step benchmark --floor 0
+    assert combine_ranks(unmeasured)["floor"] == {"floor_s": None}
+    assert combine_ranks(unmeasured)["step_over_floor"] is None
     case = {**CASE, "gpus": 2}
     r = assemble(case, "NVIDIA H100", "abc", "2026-11-28", CEIL, two, {}, {}, scaling={1: STEP, 2: two})
     assert r["weak_scaling"]["2"]["efficiency"] == round(two["tokens_per_s"] / (2 * 10922.7), 3)
