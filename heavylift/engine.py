@@ -176,6 +176,7 @@ class Engine(InitPlacement):
                                      snapshot=speculate and native is None and not nvme,
                                      tail=spec.index >= first_tail,
                                      double_buffer=speculate and native is not None and not nvme, fmt=fmt,
+                                     pin_all=cfg.offload.gpu_assist > 0,
                                      grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot], nvme=nvme)
             for slot in bucket.slots:
                 slot.sr = stream_of[slot.spec.name]
@@ -224,7 +225,6 @@ class Engine(InitPlacement):
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
             ring=self.ring, gpu_assist=cfg.offload.gpu_assist,
-            pin=cfg.offload.pin_memory and torch.cuda.is_available(),
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)

@@ -93,6 +93,8 @@ class InitPlacement:
         # gradient slot + master (+ the back master)
         pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0)) \
             + n_nvme * slot
+        if self.config.offload.gpu_assist > 0:  # every state buffer pinned: the assist sends it up and back
+            pinned = n * (state + (back if speculate and double_buffer else 0)) + n_nvme * slot
         check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring), int(pinned), pin,
                           ranks_per_node=local, available=avail)
         return speculate

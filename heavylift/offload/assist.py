@@ -19,7 +19,8 @@ fused AdamW on either road (the same arithmetic; bitwise equal where the device 
 tests); int8-moments and bf16-master step in their torch ops on the GPU, as the GPU tail does, against the
 native kernel on the CPU (both within the format's bound of the float64 reference). The assignment is a
 function of the host buckets alone, so a resumed run assigns alike. Its gradient and state cross the link
-per parameter (one slot at a time; a bucket with a slot over MAX_SLOT_PARAMS stays on the CPU).
+per parameter (one slot at a time; a bucket with a slot over MAX_SLOT_PARAMS stays on the CPU). With
+gpu_assist on, every host state buffer is pinned at init (the preflight counts it), not only the master.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from heavylift.offload.store import BucketState, Slot, local_of
 
 # Formats whose host state the GPU steps in the same format (its tail format is itself).
 ASSIST_FORMATS = ("fp32", "int8-moments", "bf16-master")
-# A bucket with a larger slot stays on the CPU road: one slot's device copies (state, gradient and its fp32
-# widening: <= 18 B/param, 2.3 GB at this size) must fit inside the placement's margin of the card (10% + 2
-# GiB, offload/tail.py), which the planner does not otherwise spend on this.
+# A bucket with a larger slot stays on the CPU road: about two slots' device copies (state, gradient and its
+# fp32 widening: <= 18 B/param, 2.3 GB a slot at this size) must fit inside the placement's margin of the
+# card (10% + 2 GiB, offload/tail.py), which the planner does not otherwise spend on this.
 MAX_SLOT_PARAMS = 128 * 2**20
 
 
@@ -66,8 +67,10 @@ class GpuAssist:
         self.cuda = pipeline.device.type == "cuda"
         # its own stepper: the CPU worker's keeps a scratch buffer that only one thread may use
         self.stepper = BucketStepper(pipeline._stepper.group_of_slot, pipeline._stepper.native)
-        self.stream = torch.cuda.Stream(pipeline.device) if self.cuda else None
-        self._pinned: set[int] = set()
+        # up: copies up, the step and the parameter write; down: the state's copies back, so a slot's
+        # download overlaps the next one's upload (two copy engines)
+        self.up = torch.cuda.Stream(pipeline.device) if self.cuda else None
+        self.down = torch.cuda.Stream(pipeline.device) if self.cuda else None
         self._tasks: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="heavylift-gpu-assist", daemon=True)
         self._thread.start()
@@ -81,56 +84,57 @@ class GpuAssist:
 
     @torch.no_grad()
     def _work(self) -> None:
+        if self.cuda:  # a new thread starts on GPU 0
+            torch.cuda.set_device(self.p.device)
         while (task := self._tasks.get()) is not None:
             b, found_inf, coef = task
             try:
-                self.run(b, found_inf, coef)
+                if self.p._error is None:  # after a failure the step is void: its waiters are released
+                    self.run(b, found_inf, coef)
             except BaseException as exc:  # surfaced on the autograd thread at its next wait
                 self.p._fail(exc)
             finally:
                 self.p._final[b].set()
 
     def run(self, b: int, found_inf: bool, coef: float) -> None:
-        """Step bucket ``b`` on the device, one slot at a time on the assist stream: up (state, gradient,
-        step count), the tail's arithmetic, the master into the device parameter, the state back down. One
-        event after the last copy down stands for both "the parameter is final" and "the host state is
-        current" (``pipeline._upload_ev[b]``). Device copies are freed as the loop moves on; the caching
-        allocator reuses them in this stream's order, so about one slot's copies are alive at a time."""
+        """Step bucket ``b`` on the device, one slot at a time: on ``up``, its state, gradient and step
+        count go up, the tail's arithmetic steps them and the master is written into the device parameter;
+        on ``down``, once that is done, the state comes back. The event recorded on ``down`` after the last
+        slot (``pipeline._upload_ev[b]``) stands for "the parameter is final" and "the host state is current"
+        alike; it is recorded even when a slot fails, so nothing waits on copies it cannot see. A slot's
+        device copies are released to the caching allocator once ``down`` has read them (record_stream): about
+        two slots' copies are alive at a time."""
         p = self.p
         pend, bucket = p._pending[b], p.buckets[b]
         pend.speculated.wait()  # the CPU worker has seen its gradient land in the host slot
         p._wait_upload(b)
         if found_inf or not pend.active:
             return
-        self._pin(b, bucket)
         self.stepper.hypers = p._stepper.hypers  # this step's, frozen at the boundary
-        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+        try:
             for s in pend.active:
-                count = int(s.step)  # the host's count: no read-back from the device, which would wait
-                dev = _up(s, p.device, count)
-                self.stepper.step_slots(_DEVICE_BUCKET[bucket.fmt.name], [dev], p.inv_scale, coef, counts=[count])
-                local_of(s.device_param).copy_(dev.state["master"], non_blocking=self.cuda)
-                for k, t in s.state.items():
-                    t.copy_(dev.state[k], non_blocking=self.cuda)
-                s.step += 1
+                self._slot(s, bucket, p.inv_scale, coef)
+        finally:
             if self.cuda:
                 ev = torch.cuda.Event()
-                ev.record(self.stream)
+                ev.record(self.down)
                 p._upload_ev[b] = ev
         p.stats["assisted"] += 1
 
-    def _pin(self, b: int, bucket: BucketState) -> None:
-        """Page-lock the state buffers the CPU road never sends over the link (the moments), once, so the
-        copies up and down run at the link's speed; if the driver refuses, they stay pageable (slower)."""
-        if not self.cuda or b in self._pinned or not self.p.pin:
-            return
-        from heavylift.offload.pinned import register
-
-        for name, t in bucket.flats.items():
-            if name in bucket.fmt.kinds and not any(x.kind == name and x.link for x in bucket.fmt.buffers):
-                if not t.is_pinned():
-                    register(t)
-        self._pinned.add(b)
+    def _slot(self, s: Slot, bucket: BucketState, inv_scale: float, coef: float) -> None:
+        count = int(s.step)  # the host's count: no read-back from the device, which would wait
+        with torch.cuda.stream(self.up) if self.cuda else contextlib.nullcontext():
+            dev = _up(s, self.p.device, count)
+            self.stepper.step_slots(_DEVICE_BUCKET[bucket.fmt.name], [dev], inv_scale, coef, counts=[count])
+            local_of(s.device_param).copy_(dev.state["master"], non_blocking=self.cuda)
+        if self.cuda:
+            self.down.wait_stream(self.up)
+        with torch.cuda.stream(self.down) if self.cuda else contextlib.nullcontext():
+            for k, t in s.state.items():
+                t.copy_(dev.state[k], non_blocking=self.cuda)
+                if self.cuda:
+                    dev.state[k].record_stream(self.down)
+        s.step += 1
 
 
 def _up(s: Slot, device: torch.device, count: int) -> Slot:

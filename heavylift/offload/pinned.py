@@ -8,6 +8,7 @@ does for pinned memory anyway), and unregisters it before the memory is freed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -34,6 +35,7 @@ def register(t: torch.Tensor) -> bool:
     err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), _PORTABLE))
     if err != 0:
         log.warning("cudaHostRegister failed (error %d)", err)
+        _clear_last_error()
         return False
     _registered.add(t.data_ptr())
     return True
@@ -48,3 +50,17 @@ def release(t: torch.Tensor) -> None:
 
 
 _registered: set[int] = set()
+
+
+def _clear_last_error() -> None:
+    """A failed cudaHostRegister stays this thread's last CUDA error, and torch's binding does not read it
+    back: the next kernel launch's check would raise it as its own. Read it (which resets it) through the
+    libcudart this process loaded; where none is found (a static runtime), nothing is done."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
+

@@ -87,7 +87,6 @@ class OffloadPipeline(FloorProbes):
         native=None,
         ring=None,
         gpu_assist: float = 0.0,
-        pin: bool = False,
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -101,7 +100,6 @@ class OffloadPipeline(FloorProbes):
         self._double_buffered = native is not None and any(s.back is not None for b in buckets for s in b.slots)
         self._ring = ring  # offload.nvme_ring.NvmeRing of the NVMe buckets, or None
         self.gpu_assist = gpu_assist  # offload.gpu_assist: share of a non-speculative step's host buckets
-        self.pin = pin  # host buffers may be page-locked (CUDA and offload.pin_memory)
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
@@ -284,6 +282,8 @@ class OffloadPipeline(FloorProbes):
             pin_current_thread(plan.worker_cpus)  # off the training thread's core
         if self._cpu_threads > 0:
             torch.set_num_threads(self._cpu_threads)
+        if self._cuda:  # a new thread starts on GPU 0: its events and copies belong to this rank's
+            torch.cuda.set_device(self.device)
         while True:
             task = self._tasks.get()
             if task is None:

@@ -90,6 +90,7 @@ def allocate_bucket(
     fmt: StateFormat = FORMATS["fp32"],
     grad_dtype: torch.dtype = torch.float32,
     nvme: bool = False,
+    pin_all: bool = False,
 ) -> BucketState:
     """Allocate a bucket's flat buffers and carve one view per parameter (shaped like its shard; per-block
     scales ``rows x blocks``).
@@ -115,7 +116,9 @@ def allocate_bucket(
     # keeps only its gradient slot here: its state lives in the state file and is bound to a ring buffer
     # set while it is stepped (offload/nvme_ring.py).
     prefixes = [] if nvme else [""] + ["snap_"] * (snapshot and on_host) + ["back_"] * (double_buffer and on_host)
-    flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and b.link and prefix != "snap_")
+    # pinned: what crosses the link (the master, the gradient slot); every state buffer with ``pin_all``
+    # (offload.gpu_assist sends a host bucket's whole state up and back)
+    flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and (b.link or pin_all) and prefix != "snap_")
              for prefix in prefixes for b in fmt.buffers}
     flats["grad"] = buf(False, grad_dtype if on_host else torch.float32, pin)
     bucket = BucketState(spec, state_device, fmt, tail=tail, nvme=nvme, flats=flats)

@@ -94,3 +94,11 @@ def test_resume_with_assist_is_bit_identical(tmp_path):
     train(resumed, range(2, 4), case)
     assert all(torch.equal(a, b) for a, b in zip(local_state(resumed), ref, strict=True))
     resumed.close()
+
+
+def test_buckets_with_a_slot_over_the_cap_stay_on_the_cpu(monkeypatch):
+    import heavylift.offload.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_SLOT_PARAMS", 1)  # every slot is over it
+    case = Case("capped", max_norm=0.05, speculate=False, steps=3, bucket_params=3000, gpu_assist=1.0)
+    assert run_case(case)["stats"]["assisted"] == 0
