@@ -14,6 +14,8 @@
 #   PART=accuracy issue 6 item 2 at a larger scale: the qwen3-4b shape (random init: the box has no network)
 #                trained on the bundled data in each of FORMATS (3 fit a call: ~2.5 min each), every bucket's
 #                state on the host (ratio 1.0: the host kernels, not the GPU tail's)
+#   PART=llama8b issue 8: the llama-3-8b shape, fp32 state, seq 4096 x 1 x accum 8 (32K tokens per step)
+#   PART=small   issue 8: the small-batch case (8K tokens per step) with the automatic tail against none
 #   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
 #                fits on this box, then two steps of it (benchmarks/largest_model.py --try)
 #   PART=70b     issue 7: estimate + bench of the Llama-70B shape on 4 GPUs in FMT (nvidia-h200-x4)
@@ -118,6 +120,20 @@ accuracy)
     --formats "${FORMATS:-fp32,bf16-master-int8,int8-moments}" -- --model qwen3-4b \
     --seq_len 512 --engine.batch.micro_batch_size 4 --engine.offload.ratio 1.0 > "$OUT/accuracy.log" 2>&1
   cp /tmp/acc/accuracy.json /tmp/acc/train_loss.png "$OUT/" 2>/dev/null; tail -8 "$OUT/accuracy.log"
+  ;;
+llama8b)
+  mkdir -p "$OUT/r"
+  timeout 560 python -m heavylift bench --model llama-8b --seq 4096 --mbs 1 --accum 8 --steps 3 \
+    --peers "" --out "$OUT/r" > "$OUT/llama8b.log" 2>&1
+  tail -20 "$OUT/llama8b.log"
+  ;;
+small)
+  # 8K tokens per step: the CPU optimizer bounds it; what the automatic GPU tail buys against no tail
+  for ratio in -1 1.0; do
+    timeout 270 python -m heavylift.benchmark.step --model qwen3-4b --seq 2048 --mbs 4 --warmup 4 --steps 3 \
+      --ratio $ratio > "$OUT/small-ratio$ratio.jsonl" 2> "$OUT/small-ratio$ratio.err"
+    tail -c 700 "$OUT/small-ratio$ratio.jsonl"; echo
+  done
   ;;
 largest)
   # one format per call: a 13-25 B try takes minutes (init pins ~110 GiB; 200 s was not enough in session 4)
