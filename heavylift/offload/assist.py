@@ -14,6 +14,12 @@ The CPU and the link then work on the same pass at once::
     assist thread                  b1: up state+grad | step on GPU | param | down state   b4: ...
                                         (h2d)        (assist stream)        (d2h)
 
+Choosing f: with N host params, the CPU's rate R (params/s), the link's B (bytes/s each way), a format's
+state bytes S, gradient slot g and upload u per param, the CPU takes (1-f)N/R and the link up
+(f(S+g) + (1-f)u)N/B (down, fSN/B, is smaller); they balance at f = (B/R - u) / (B/R - u + S + g). With B
+= 50 GB/s and R = 3.5 G params/s that is 0.42 for fp32 (S 12, g 2, u 4) and 0.56 for int8-moments (S ~6),
+for a pass 1.7x and 2.3x shorter than the CPU's alone. Not yet measured: set by hand until it is.
+
 A bucket's result depends on which road it took only through the kernel: fp32 state steps in torch's
 fused AdamW on either road (the same arithmetic; bitwise equal where the device is the CPU, as in the
 tests); int8-moments and bf16-master step in their torch ops on the GPU, as the GPU tail does, against the
