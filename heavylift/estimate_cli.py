@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nvme-ratio", type=float, default=None,
                    help="offload.nvme_ratio: fraction of host-stepped params on NVMe (default: what RAM does not hold)")
     p.add_argument("--nvme-buffers", type=int, default=3, help="offload.nvme_buffers: buffer sets in the ring")
+    p.add_argument("--gpu-assist", type=float, default=0.0,
+                   help="offload.gpu_assist: > 0 pins every host state buffer (the pinned figure and ulimit -l)")
     p.add_argument("--nvme-gbs", type=float, default=None,
                    help="the NVMe drive's read + write GB/s (default: a 256 MiB probe in --nvme PATH, else 2)")
     p.add_argument("--gpu-tflops", type=float, default=None, help="bf16 rate per GPU (default: probe/746)")
@@ -88,7 +90,7 @@ def run(argv: list[str]) -> int:
                   compute_dtype=a.dtype, grad_slot=a.grad_slot,
                   load_bytes=4 if a.model == "default" else 0,  # as heavylift train loads it
                   offload_device="nvme" if a.nvme or a.nvme_free_gib is not None else "cpu",
-                  nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers)
+                  nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers, gpu_assist=a.gpu_assist)
     from heavylift.memory import _check_setup
     _check_setup(setup)  # bad numbers fail before the model is read or anything is probed
     if a.nvme:

@@ -55,6 +55,8 @@ class Setup:
     # (offload/preflight.py nvme_split: as much in RAM as fits 85% of MemAvailable)
     nvme_ratio: float | None = None
     nvme_buffers: int = 3  # offload.nvme_buffers: buffer sets in the ring, each the size of the largest NVMe bucket
+    # offload.gpu_assist > 0: every RAM bucket's state buffers are pinned (offload/assist.py sends them up and back)
+    gpu_assist: float = 0.0
 
     @property
     def world(self) -> int:
@@ -332,10 +334,15 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
     back_pinned = int(fmt.master * ram_params)  # the second set's master is uploaded from: pinned
     pin = "pinned: " if setup.pin else ""
-    host = {pin + "master + grad slot (+ back master)": pinned + back_pinned * speculate,
-            "pageable: exp_avg + exp_avg_sq" + (" + compensation" if fmt.compensation else ""):
-                int(fmt.pageable * ram_params),
-            "pageable: speculation buffer set (less its master)": (snapshot - back_pinned) if speculate else 0}
+    if setup.gpu_assist > 0:  # every state buffer of both sets is pinned, as the engine's preflight counts it
+        pinned, back_pinned = int(fmt.host * ram_params), snapshot
+        host = {pin + "state + grad slot (+ speculation set), all pinned for gpu_assist":
+                pinned + back_pinned * speculate}
+    else:
+        host = {pin + "master + grad slot (+ back master)": pinned + back_pinned * speculate,
+                "pageable: exp_avg + exp_avg_sq" + (" + compensation" if fmt.compensation else ""):
+                    int(fmt.pageable * ram_params),
+                "pageable: speculation buffer set (less its master)": (snapshot - back_pinned) if speculate else 0}
     if setup.offload_device == "nvme":
         host[pin + "NVMe buckets: grad slot"] = int(fmt.grad * nvme_params)
         host[f"NVMe ring: {setup.nvme_buffers} sets x largest NVMe bucket"] = int(fmt.second_set * ring)
@@ -456,6 +463,8 @@ def _check_setup(s: Setup) -> None:
         raise HeavyliftError(f"nvme ratio (offload.nvme_ratio, --nvme-ratio) must be in [0, 1], the fraction of the "
                              f"host-stepped parameters whose state is on NVMe, and needs offload.device nvme "
                              f"(--nvme PATH or --nvme-free-gib), not {s.nvme_ratio} with device {s.offload_device}")
+    if not 0.0 <= s.gpu_assist <= 1.0:
+        raise HeavyliftError(f"gpu assist (offload.gpu_assist, --gpu-assist) must be in [0, 1], not {s.gpu_assist}")
     if s.nvme_buffers < 1:
         raise HeavyliftError(f"nvme buffers (offload.nvme_buffers, --nvme-buffers) must be an integer >= 1, "
                              f"not {s.nvme_buffers}")

@@ -29,6 +29,7 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
                  pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
                  load_bytes=load_bytes, state_format=e.offload.state_format, offload_device=e.offload.device,
                  nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers,
+                 gpu_assist=e.offload.gpu_assist,
                  compiled=cuda and e.compile != "off")
 
 

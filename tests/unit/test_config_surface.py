@@ -67,8 +67,8 @@ def test_cli_subcommands_are_frozen(capsys):
 
 ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac", "--no-compile",
                   "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
-                  "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--nvme-gbs",
-                  "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
+                  "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--gpu-assist",
+                  "--nvme-gbs", "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
 BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--gpu-assist", "--peers-dir",
                "--peers", "--peer-timeout", "--out"]
 

@@ -54,6 +54,25 @@ def test_tiny_bytes_per_tier(tiny):
     assert p.nvme == 0 and p.verdicts["host"] == "fits"
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8-moments"])
+def test_gpu_assist_pins_the_whole_state(tiny, fmt):
+    """offload.gpu_assist pins every host state buffer of both sets (as the engine's preflight counts it):
+    the host total is unchanged, all of it is pinned, and `ulimit -l` is judged against that."""
+    s = Setup(seq=256, mbs=2, tail_ratio=0.0, speculate=True, pin=True, state_format=fmt, grad_slot="fp32")
+    m = Machine(host_available_bytes=16 * GiB, has_cuda=True, gpu_total_bytes=80 * GiB, memlock_bytes=10**12)
+    off, on = plan(tiny, s, m), plan(tiny, dataclasses.replace(s, gpu_assist=0.5), m)
+    state = lambda p: sum(b for k, b in p.host.items() if k.startswith(("pinned", "pageable")))  # noqa: E731
+    assert state(on) == pytest.approx(state(off), abs=4) and on.host_peak_rank == pytest.approx(off.host_peak_rank, abs=4)
+    assert on.pinned == pytest.approx(state(on), abs=4) and on.pinned > off.pinned
+    small = dataclasses.replace(m, memlock_bytes=(off.pinned + on.pinned) // 2)
+    assert plan(tiny, s, small).verdicts["pinned"] == "fits"
+    assert plan(tiny, dataclasses.replace(s, gpu_assist=0.5), small).verdicts["pinned"] == "no"
+    from heavylift.memory.plan import _check_setup
+
+    with pytest.raises(HeavyliftError, match="gpu assist"):
+        _check_setup(dataclasses.replace(s, gpu_assist=2.0))
+
+
 @pytest.mark.parametrize("fmt,state,back,pinned,up", [
     ("fp32", 16, 12, 8, 4), ("bf16-moments", 12, 8, 8, 4), ("int8-moments", 10 + 8 / 256, 6 + 8 / 256, 8, 4),
     ("bf16-master", 12, 8, 6, 2)])
