@@ -91,8 +91,8 @@ def run(argv: list[str]) -> int:
                   load_bytes=4 if a.model == "default" else 0,  # as heavylift train loads it
                   offload_device="nvme" if a.nvme or a.nvme_free_gib is not None else "cpu",
                   nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers, gpu_assist=a.gpu_assist)
-    from heavylift.memory import _check_setup
-    _check_setup(setup)  # bad numbers fail before the model is read or anything is probed
+    from heavylift.memory import check_setup
+    check_setup(setup)  # bad numbers fail before the model is read or anything is probed
     if a.nvme:
         from heavylift.config.errors import ConfigError
         from heavylift.offload.nvme import check_nvme_path

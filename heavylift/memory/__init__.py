@@ -60,9 +60,10 @@ from __future__ import annotations
 
 from heavylift.memory.constants import (AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_GPU_TFLOPS, DEFAULT_LINK_GBS, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY, LINK_DUPLEX, STATE_FORMATS, TAIL_BYTES, StateFormat)  # noqa: F401
 from heavylift.memory.model import (ModelShape, _default_model_config, model_shape, resolve_config, shape_of_model)  # noqa: F401
-from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _check_setup, _pow2, _rank_units, _tail_ratio, _verdict, _verdicts, block_activation_bytes_per_token, floor_times, format_line, nvme_file_bytes, nvme_need, plan)  # noqa: F401
+from heavylift.memory.checks import check_setup, nvme_need, verdict, verdicts  # noqa: F401
+from heavylift.memory.plan import (Machine, Plan, Rates, Setup, _buckets, _pow2, _rank_units, _tail_ratio, block_activation_bytes_per_token, floor_times, nvme_file_bytes, plan)  # noqa: F401
 from heavylift.memory.estimate import estimate, suggest  # noqa: F401
-from heavylift.memory.render import render  # noqa: F401
+from heavylift.memory.render import format_line, render  # noqa: F401
 from heavylift.memory.machine import (_probe_adamw, _probe_link, _probe_matmul, disk_free, mem_available, memlock_limit, probe_nvme, probe_rates, this_machine)  # noqa: F401
 from heavylift.memory.preflight import (check_train, setup_for_train)  # noqa: F401
 from heavylift.memory.formats import (FormatOption, choose, format_options)  # noqa: F401

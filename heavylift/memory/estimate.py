@@ -8,13 +8,14 @@ import dataclasses
 from heavylift.memory.constants import STATE_FORMATS, GiB
 from heavylift.memory.formats import choose, format_options
 from heavylift.memory.model import ModelShape, model_shape
-from heavylift.memory.plan import Machine, Plan, Rates, Setup, _check_setup, host_format, nvme_need, plan
+from heavylift.memory.checks import check_setup, nvme_need
+from heavylift.memory.plan import Machine, Plan, Rates, Setup, host_format, plan
 
 
 def estimate(model, setup: Setup, machine: Machine, rates: Rates | None = None) -> Plan:
     """Plan + suggestions + which state format fits: what the CLI and the preflight use. A ``state_format``
     of "auto" plans with the format chosen (memory/formats.py)."""
-    _check_setup(setup)
+    check_setup(setup)
     shape = model if isinstance(model, ModelShape) else model_shape(model)
     auto = setup.state_format == "auto"
     options = format_options(shape, dataclasses.replace(setup, state_format="fp32") if auto else setup, machine)

@@ -1,4 +1,5 @@
-"""The memory planner: bytes per tier per rank, whether it fits, the step-time floor, what would fit."""
+"""The memory planner: bytes per tier per rank and the step-time floor (memory/checks.py judges whether it
+fits; memory/estimate.py adds what would fit)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from heavylift.config.errors import HeavyliftError
+from heavylift.memory.checks import check_setup, verdicts
 from heavylift.memory.constants import (
-    AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_FIT_FRACTION, HOST_RUNTIME_BYTES, HOST_UNCERTAINTY,
-    FP32_ADAMW_TRAFFIC, LINK_DUPLEX, NVME_UNCERTAINTY, STATE_FORMATS,
+    AUTO_TAIL_CARD_FRACTION, CUDA_CONTEXT_BYTES, DEFAULT_NVME_GBS, GPU_UNCERTAINTY, GiB, HOST_FIT_FRACTION,
+    HOST_RUNTIME_BYTES, FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS,
 )
 from heavylift.memory.constants import StateFormat as HostFormat
 from heavylift.memory.model import ModelShape
-from heavylift.offload.nvme import DISK_MARGIN, file_bytes, region_layout
+from heavylift.offload.nvme import file_bytes, region_layout
 from heavylift.offload.preflight import nvme_split
 from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move
 from heavylift.optim import grad_slot
@@ -259,7 +260,7 @@ def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
 
 def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: Rates | None = None) -> Plan:
     """Bytes per tier per rank, the verdict against ``machine`` and the step-time floor at ``rates``."""
-    _check_setup(setup)
+    check_setup(setup)
     assert setup.state_format != "auto", "estimate() resolves state_format 'auto'"
     db = setup.dtype_bytes
     buckets = _buckets(shape, setup)
@@ -368,7 +369,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
                   pinned=pinned + back_pinned * speculate + int(fmt.grad * nvme_params + fmt.master * ring))
     if rates is not None:
         result.times = floor_times(shape, setup, host_params, rates, result.nvme)
-    _verdicts(result, machine)
+    verdicts(result, machine)
     return result
 
 
@@ -405,81 +406,3 @@ def floor_times(shape: ModelShape, setup: Setup, host_params_rank: int, rates: R
     t_nvme = 2 * nvme_rank * setup.gpus_per_node / (rates.nvme_gbs * 1e9)
     return {"gpu": t_gpu, "cpu": t_cpu, "link": t_link, "nvme": t_nvme, "floor": max(t_gpu, t_cpu, t_link, t_nvme),
             "serial": t_gpu + t_cpu + t_link + t_nvme}
-
-
-def _verdict(need: int, have: int | None, uncertainty: float) -> str:
-    if have is None:
-        return "unknown"
-    if need * (1 + uncertainty) <= have:
-        return "fits"
-    if need * (1 - uncertainty) <= have:
-        return "tight"
-    return "no"
-
-
-def _verdicts(p: Plan, m: Machine) -> None:
-    v = p.verdicts
-    v["gpu"] = _verdict(p.gpu_peak, m.gpu_usable, GPU_UNCERTAINTY)
-    v["host"] = _verdict(p.host_peak_node, m.host_available_bytes, HOST_UNCERTAINTY)
-    pinned = p.pinned
-    if p.setup.pin and m.has_cuda and m.memlock_bytes is not None:
-        v["pinned"] = "fits" if pinned <= m.memlock_bytes else "no"
-    if p.setup.offload_device == "nvme":  # no NVMe bucket: no state file, nothing to check (as in the engine)
-        v["nvme"] = _verdict(nvme_need(p), m.nvme_free_bytes, NVME_UNCERTAINTY) if p.nvme else "fits"
-    if v["gpu"] in ("no", "tight"):
-        p.reasons.append(f"GPU: peak {p.gpu_peak / GiB:.1f} GiB per rank ({max(p.gpu_phases, key=p.gpu_phases.get)} "
-                         f"phase, +-{GPU_UNCERTAINTY:.0%}) against {m.gpu_usable / GiB:.1f} GiB usable")
-    if v["host"] in ("no", "tight"):
-        p.reasons.append(f"host: {p.host_peak_node / GiB:.1f} GiB per node ({p.setup.gpus_per_node} rank(s) x "
-                         f"{p.host_peak_rank / GiB:.1f} GiB) against {m.host_available_bytes / GiB:.1f} GiB available")
-    if v.get("pinned") == "no":
-        p.reasons.append(f"pinned: {pinned / GiB:.1f} GiB per rank but `ulimit -l` allows "
-                         f"{m.memlock_bytes / GiB:.2f} GiB: raise it (ulimit -l unlimited / --ulimit memlock=-1) "
-                         "or set engine.offload.pin_memory false")
-    if v.get("nvme") in ("no", "tight"):
-        p.reasons.append(f"NVMe: {nvme_need(p) / GiB:.1f} GiB per node ({p.setup.gpus_per_node} rank(s) x "
-                         f"{p.nvme / GiB:.1f} GiB state file + {DISK_MARGIN / GiB:.0f} GiB margin) against "
-                         f"{m.nvme_free_bytes / GiB:.1f} GiB free" + (f" at {m.nvme_path}" if m.nvme_path else ""))
-
-
-def nvme_need(p: Plan) -> int:
-    """Free disk the node's state files need at offload.nvme_path: every rank's file and the engine's margin."""
-    return p.nvme * p.setup.gpus_per_node + DISK_MARGIN if p.nvme else 0
-
-
-def _check_setup(s: Setup) -> None:
-    for key in ("gpus_per_node", "nodes", "seq", "mbs", "accum"):
-        if getattr(s, key) < 1:
-            raise HeavyliftError(f"{key.replace('_', ' ')} must be an integer >= 1, not {getattr(s, key)}")
-    if s.state_format not in STATE_FORMATS and s.state_format != "auto":
-        raise HeavyliftError(f"state format {s.state_format!r} does not exist yet: use auto, "
-                             f"{', '.join(STATE_FORMATS)}")
-    if s.tail_ratio is not None and not 0.0 <= s.tail_ratio <= 1.0:
-        raise HeavyliftError(f"tail ratio must be in [0, 1] (the fraction of parameters stepped on the GPU), "
-                             f"not {s.tail_ratio}")
-    if s.offload_device not in ("cpu", "nvme"):
-        raise HeavyliftError(f"offload.device must be cpu or nvme, not {s.offload_device!r}")
-    if s.nvme_ratio is not None and not (s.offload_device == "nvme" and 0.0 <= s.nvme_ratio <= 1.0):
-        raise HeavyliftError(f"nvme ratio (offload.nvme_ratio, --nvme-ratio) must be in [0, 1], the fraction of the "
-                             f"host-stepped parameters whose state is on NVMe, and needs offload.device nvme "
-                             f"(--nvme PATH or --nvme-free-gib), not {s.nvme_ratio} with device {s.offload_device}")
-    if not 0.0 <= s.gpu_assist <= 1.0:
-        raise HeavyliftError(f"gpu assist (offload.gpu_assist, --gpu-assist) must be in [0, 1], not {s.gpu_assist}")
-    if s.nvme_buffers < 1:
-        raise HeavyliftError(f"nvme buffers (offload.nvme_buffers, --nvme-buffers) must be an integer >= 1, "
-                             f"not {s.nvme_buffers}")
-
-
-def format_line(name: str, slot: str = "fp32") -> str:
-    """Bytes per parameter of a state format with a ``slot`` gradient slot, as ``estimate`` and the startup
-    plan print them."""
-    g = grad_slot.slot_bytes(slot)
-    if name not in FORMATS:  # planned, not built
-        f = dataclasses.replace(STATE_FORMATS[name], grad=float(g))
-        return (f"  state format {name}: {f.host:.2f} B/param on the host with the {slot} gradient slot "
-                f"({f.pinned:g} pinned), {f.second_set:.2f} more while speculating; not built yet")
-    f = FORMATS[name]
-    return (f"  state format {name}: {f.host_bytes(g):.2f} B/param on the host with the {slot} gradient slot "
-            f"({f.host_pinned_bytes(g):g} pinned), {f.back_bytes:.2f} more while speculating; GPU tail "
-            f"{FORMATS[f.tail].state_bytes:.2f} B/param; uploads {f.upload_bytes:g} B/param; "
-            f"{'exact AdamW' if f.exact else 'not exact AdamW (docs/state-formats.md)'}")

@@ -7,7 +7,8 @@ import os
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.machine import this_machine
 from heavylift.memory.estimate import estimate
-from heavylift.memory.plan import Machine, Plan, Setup, format_line, slot_of
+from heavylift.memory.plan import Machine, Plan, Setup, slot_of
+from heavylift.memory.render import format_line
 
 
 def setup_for_train(cfg, cuda: bool) -> Setup:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from heavylift.memory.checks import nvme_need
 from heavylift.memory.constants import FP32_ADAMW_TRAFFIC, LINK_DUPLEX, STATE_FORMATS, GiB
-from heavylift.memory.plan import Machine, Plan, Rates, format_line, host_format, nvme_need, slot_of
+from heavylift.memory.plan import Machine, Plan, Rates, host_format, slot_of
+from heavylift.optim import grad_slot
+from heavylift.optim.formats import FORMATS
 
 
 def render(p: Plan, machine: Machine, rates: Rates | None) -> str:
@@ -76,3 +81,18 @@ def _nvme_rows(p: Plan, g) -> list[str]:
     return [f"NVMe  ({ratio}; {p.nvme_params / 1e9:.2f} of {p.host_params / 1e9:.2f} B host params)",
             f"  {'state file: master + moments (4 KiB-aligned)':50s}{g(p.nvme)}",
             f"  {f'per node ({s.gpus_per_node} rank(s), + disk margin)':50s}{g(nvme_need(p))}"]
+
+
+def format_line(name: str, slot: str = "fp32") -> str:
+    """Bytes per parameter of a state format with a ``slot`` gradient slot, as ``estimate`` and the startup
+    plan print them."""
+    g = grad_slot.slot_bytes(slot)
+    if name not in FORMATS:  # planned, not built
+        f = dataclasses.replace(STATE_FORMATS[name], grad=float(g))
+        return (f"  state format {name}: {f.host:.2f} B/param on the host with the {slot} gradient slot "
+                f"({f.pinned:g} pinned), {f.second_set:.2f} more while speculating; not built yet")
+    f = FORMATS[name]
+    return (f"  state format {name}: {f.host_bytes(g):.2f} B/param on the host with the {slot} gradient slot "
+            f"({f.host_pinned_bytes(g):g} pinned), {f.back_bytes:.2f} more while speculating; GPU tail "
+            f"{FORMATS[f.tail].state_bytes:.2f} B/param; uploads {f.upload_bytes:g} B/param; "
+            f"{'exact AdamW' if f.exact else 'not exact AdamW (docs/state-formats.md)'}")

@@ -67,10 +67,10 @@ def test_gpu_assist_pins_the_whole_state(tiny, fmt):
     small = dataclasses.replace(m, memlock_bytes=(off.pinned + on.pinned) // 2)
     assert plan(tiny, s, small).verdicts["pinned"] == "fits"
     assert plan(tiny, dataclasses.replace(s, gpu_assist=0.5), small).verdicts["pinned"] == "no"
-    from heavylift.memory.plan import _check_setup
+    from heavylift.memory.checks import check_setup
 
     with pytest.raises(HeavyliftError, match="gpu assist"):
-        _check_setup(dataclasses.replace(s, gpu_assist=2.0))
+        check_setup(dataclasses.replace(s, gpu_assist=2.0))
 
 
 @pytest.mark.parametrize("fmt,state,back,pinned,up", [
