@@ -77,6 +77,7 @@ class GpuAssist:
         # download overlaps the next one's upload (two copy engines)
         self.up = torch.cuda.Stream(pipeline.device) if self.cuda else None
         self.down = torch.cuda.Stream(pipeline.device) if self.cuda else None
+        self.link_bytes = 0  # state and gradients up, state down (this thread's count)
         self._tasks: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="heavylift-gpu-assist", daemon=True)
         self._thread.start()
@@ -141,6 +142,8 @@ class GpuAssist:
                 if self.cuda:
                     dev.state[k].record_stream(self.down)
         s.step += 1
+        state = sum(t.numel() * t.element_size() for t in s.state.values())
+        self.link_bytes += 2 * state + s.grad.numel() * s.grad.element_size()
 
 
 def _up(s: Slot, device: torch.device, count: int) -> Slot:

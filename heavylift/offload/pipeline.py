@@ -257,8 +257,9 @@ class OffloadPipeline(FloorProbes):
         self.wait_buckets(list(range(len(self.buckets))))
 
     def link_bytes(self) -> int:
-        """Bytes that crossed the host link both ways so far (gradients down, weights up)."""
-        return self._link_down + self._link_up
+        """Bytes that crossed the host link both ways so far (gradients down, weights up, and the assist's
+        state and gradients both ways)."""
+        return self._link_down + self._link_up + (self._assist.link_bytes if self._assist is not None else 0)
 
     @property
     def cpu_threads(self) -> int:

@@ -102,3 +102,23 @@ def test_buckets_with_a_slot_over_the_cap_stay_on_the_cpu(monkeypatch):
     monkeypatch.setattr(pipeline, "MAX_SLOT_PARAMS", 1)  # every slot is over it
     case = Case("capped", max_norm=0.05, speculate=False, steps=3, bucket_params=3000, gpu_assist=1.0)
     assert run_case(case)["stats"]["assisted"] == 0
+
+
+def test_assist_traffic_is_counted_on_the_link():
+    """The logged link GB/s includes the assist's copies: each assisted slot's state both ways + its gradient."""
+    import heavylift
+    from support.equivalence import batches, engine_config, tiny_model
+
+    case = Case("link", max_norm=0.05, speculate=False, bucket_params=3000, gpu_assist=1.0)
+    engine = heavylift.initialize(model=tiny_model(), config=engine_config(case))[0]
+    for step in range(3):
+        ids = batches(step, 0, 1)[0]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    engine.pipeline.wait_all()
+    assist = engine.pipeline._assist
+    assert engine.pipeline.stats["assisted"] > 0 and assist.link_bytes > 0
+    host_params = sum(s.grad.numel() for b in engine.buckets if b.on_host for s in b.slots)
+    assert engine.pipeline.stats["assisted"] == 3 * sum(b.on_host for b in engine.buckets)  # every bucket, every step
+    assert assist.link_bytes == 3 * host_params * (2 * 12 + 4)  # fp32 state up and down, the fp32 slot up
+    engine.close()
