@@ -55,12 +55,14 @@ _LINE = (  # (key, format): the order and form of the printed summary; absent ke
     ("tokens_per_s", "{:,.0f} tok/s"), ("tflops", "{:.0f} TFLOPS/GPU"), ("mfu", "MFU {:.1%}"),
     ("forward_s", "fwd {:.3f} s"), ("backward_s", "bwd {:.3f} s"), ("optim_wait_s", "optim wait {:.3f} s"),
     ("link_gbs", "link {:.1f} GB/s"), ("gpu_peak_mem_gib", "GPU peak {:.1f} GiB"),
-    ("host_rss_gib", "host {:.1f} GiB"), ("pinned_gib", "pinned {:.1f} GiB"))
+    ("host_rss_gib", "host {:.1f} GiB"), ("pinned_gib", "pinned {:.1f} GiB"),
+    ("alloc_retries", "allocator retries {:d}"))
 
 
 def describe(step: int, metrics: dict) -> str:
     """One line: ``step 12 | loss 4.1135 | lr 2.45e-06 | ... | host 2.2 GiB | pinned 40.6 GiB``."""
-    parts = [fmt.format(metrics[k]) for k, fmt in _LINE if isinstance(metrics.get(k), (int, float))]
+    parts = [fmt.format(metrics[k]) for k, fmt in _LINE if isinstance(metrics.get(k), (int, float))
+             and not (k == "alloc_retries" and not metrics[k])]  # the allocator's retries: only when some
     if metrics.get("skipped"):
         parts.append("step skipped")
     return " | ".join([f"step {step}"] + parts)

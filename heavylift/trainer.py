@@ -76,6 +76,7 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
     for step in range(start_step + 1, steps + 1):
         start, tokens, losses = time.perf_counter(), 0, []
         wait0 = pipeline.wait_seconds if pipeline is not None else 0.0
+        retries0 = _alloc_retries(engine.device) if cuda else 0
         link0 = pipeline.link_bytes() if pipeline is not None else 0
         lr = optimizer.param_groups[0]["lr"]
         phases = PhaseTimer(cuda)
@@ -103,6 +104,9 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
                                             peak_tflops, recompute))
             if cuda:
                 record["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+                # the caching allocator freed its cache and retried an allocation: a slow step's usual cause
+                # on a card filled to its margin (session 3's unexplained step-8 dip after an eval)
+                record["alloc_retries"] = _alloc_retries(engine.device) - retries0
             record["host_rss_gib"] = host_rss_bytes() / 2**30
             record["pinned_gib"] = pinned / 2**30
             if pipeline is not None:  # forward time blocked on the overlapped CPU optimizer, this step
@@ -123,6 +127,10 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
         if stop:
             break
     return records
+
+
+def _alloc_retries(device: torch.device) -> int:
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
 def _recompute_share(engine) -> float:

@@ -54,3 +54,12 @@ def test_peak_table_and_host_probes():
     assert peak_tflops_for("NVIDIA A10G") is None and peak_tflops_for(None) is None
     assert host_rss_bytes() > 10 * 2**20
     assert pinned_bytes([]) == 0
+
+
+def test_summary_line_names_allocator_retries_only_when_there_were_some():
+    from heavylift.metrics import describe
+
+    base = {"loss": 1.5, "tokens_per_s": 1000.0, "gpu_peak_mem_gib": 70.0}
+    assert "allocator" not in describe(3, {**base, "alloc_retries": 0})
+    line = describe(8, {**base, "alloc_retries": 2})
+    assert line.endswith("| allocator retries 2") and line.startswith("step 8 | loss 1.5000")
