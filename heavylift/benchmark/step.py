@@ -72,10 +72,11 @@ def measure_steps(engine, cfg, a, clip: float, assist: float = 0.0) -> dict:
     engine.config.optim.max_grad_norm = clip
     engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
     spec0 = dict(engine.pipeline.stats)
-    times, waits, norms = [], [], []
+    times, waits, norms, retries = [], [], [], 0
     for step in range(a.warmup + a.steps):
         torch.cuda.synchronize()
         w0, t = engine.pipeline.wait_seconds, time.perf_counter()
+        r0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         for _ in range(a.accum):
             loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
             engine.backward(loss)
@@ -85,10 +86,11 @@ def measure_steps(engine, cfg, a, clip: float, assist: float = 0.0) -> dict:
             times.append(time.perf_counter() - t)
             waits.append(engine.pipeline.wait_seconds - w0)
             norms.append(engine.last_step.grad_norm)
+            retries += torch.cuda.memory_stats().get("num_alloc_retries", 0) - r0
     engine.pipeline.wait_all()
     return {"clip": clip, "gpu_assist": assist, "step_s": statistics.median(times),
             "step_times": [round(x, 3) for x in times],
-            "forward_wait_s": statistics.median(waits), "grad_norms": norms,
+            "forward_wait_s": statistics.median(waits), "grad_norms": norms, "alloc_retries": retries,
             "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0}}
 
 
