@@ -11,8 +11,8 @@ The CPU and the link then work on the same pass at once::
 
     autograd thread   finish_step: norm ------------------------------------------> next forward (per layer)
     CPU worker                     step b0 ---> step b2 ---> step b3 ---> step b5 ...   (upload each)
-    assist thread                  b1: up state+grad | step on GPU | param | down state   b4: ...
-                                        (h2d)        (assist stream)        (d2h)
+    assist thread                  b1: slot by slot   up: state+grad h2d | step | param write
+                                                          down:        (after up) state d2h   b4: ...
 
 Choosing f: with N host params, the CPU's rate R (params/s), the link's B (bytes/s each way), a format's
 state bytes S, gradient slot g and upload u per param, the CPU takes (1-f)N/R and the link up
@@ -37,6 +37,7 @@ import queue
 import threading
 
 import torch
+
 from heavylift.offload.bucket_step import BucketStepper
 from heavylift.offload.store import BucketState, Slot, local_of
 
