@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from heavylift.benchmark.peers import json_records
+from heavylift.benchmark.run import failure_line
 from heavylift.benchmark.step import shape_config
 from heavylift.memory.constants import STATE_FORMATS
 from heavylift.memory.estimate import estimate
@@ -62,12 +64,11 @@ def try_run(a, fmt: str, layers: int) -> dict:
         code = None
     if log is not None:
         log.write_text(out)
-    lines = [l for l in out.splitlines() if l.startswith("{")]
-    if code or not lines:
-        tail = " | ".join(out.strip().splitlines()[-3:])[:600]
+    records = json_records(out)
+    if code or not records:
         why = f"timed out after {a.timeout} s" if code is None else f"exit {code}"
-        return {"trained": False, "why": f"{why}: {tail}", "wall_s": round(time.perf_counter() - t, 1)}
-    r = json.loads(lines[-1])
+        return {"trained": False, "why": f"{why}: {failure_line(out)[:600]}", "wall_s": round(time.perf_counter() - t, 1)}
+    r = records[-1]
     return {"trained": True, "wall_s": round(time.perf_counter() - t, 1), "step_s": r["step_s"],
             "tokens_per_s": r["tokens_per_s"], "host_rss_gib": r["host_rss_gib"], "peak_gpu_gib": r["peak_gpu_gib"],
             "host_params": r["host_params"], "init_s": r["init_s"], "grad_norms": r["grad_norms"]}

@@ -73,10 +73,10 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
     pinned = pinned_bytes(getattr(engine, "buckets", []))
     pipeline = getattr(engine, "pipeline", None)
     cuda = engine.device.type == "cuda"
+    retries0 = _alloc_retries(engine.device) if cuda else 0
     for step in range(start_step + 1, steps + 1):
         start, tokens, losses = time.perf_counter(), 0, []
         wait0 = pipeline.wait_seconds if pipeline is not None else 0.0
-        retries0 = _alloc_retries(engine.device) if cuda else 0
         link0 = pipeline.link_bytes() if pipeline is not None else 0
         lr = optimizer.param_groups[0]["lr"]
         phases = PhaseTimer(cuda)
@@ -106,7 +106,8 @@ def train(engine, optimizer, loader: Iterator[dict[str, torch.Tensor]], steps: i
                 record["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
                 # the caching allocator freed its cache and retried an allocation: a slow step's usual cause
                 # on a card filled to its margin (session 3's unexplained step-8 dip after an eval)
-                record["alloc_retries"] = _alloc_retries(engine.device) - retries0
+                retries = _alloc_retries(engine.device)  # read once per logged step, after its time
+                record["alloc_retries"], retries0 = retries - retries0, retries
             record["host_rss_gib"] = host_rss_bytes() / 2**30
             record["pinned_gib"] = pinned / 2**30
             if pipeline is not None:  # forward time blocked on the overlapped CPU optimizer, this step

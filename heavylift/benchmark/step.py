@@ -74,9 +74,9 @@ def measure_steps(engine, cfg, a, clip: float, assist: float = 0.0) -> dict:
     spec0 = dict(engine.pipeline.stats)
     times, waits, norms, retries = [], [], [], 0
     for step in range(a.warmup + a.steps):
+        r0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)  # outside the timed window
         torch.cuda.synchronize()
         w0, t = engine.pipeline.wait_seconds, time.perf_counter()
-        r0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         for _ in range(a.accum):
             loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
             engine.backward(loss)

@@ -173,8 +173,10 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.nvme_buffers >= 1, "offload.nvme_buffers", f.nvme_buffers, "an integer >= 1 (3 or 4 is typical)")
     _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
     _check(0.0 <= f.gpu_assist <= 1.0, "offload.gpu_assist", f.gpu_assist, "a fraction in [0, 1] (0: off)")
-    _check(f.gpu_assist == 0.0 or f.state_format in ("fp32", "int8-moments", "bf16-master"), "offload.gpu_assist",
-           f.gpu_assist, f"0 with state_format {f.state_format!r} (the GPU steps fp32, int8-moments and bf16-master)")
+    from heavylift.optim.formats import SELF_TAILED
+
+    _check(f.gpu_assist == 0.0 or f.state_format in SELF_TAILED, "offload.gpu_assist", f.gpu_assist,
+           f"0 with state_format {f.state_format!r} (the GPU steps {', '.join(SELF_TAILED)})")
     _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")
     _check(f.state_format in STATE_FORMATS, "offload.state_format", f.state_format,

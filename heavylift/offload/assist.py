@@ -41,8 +41,6 @@ import torch
 from heavylift.offload.bucket_step import BucketStepper
 from heavylift.offload.store import BucketState, Slot, local_of
 
-# Formats whose host state the GPU steps in the same format (its tail format is itself).
-ASSIST_FORMATS = ("fp32", "int8-moments", "bf16-master")
 # A bucket with a larger slot stays on the CPU road: about two slots' device copies (state, gradient and its
 # fp32 widening: <= 18 B/param, 2.3 GB a slot at this size) must fit inside the placement's margin of the
 # card (10% + 2 GiB, offload/tail.py), which the planner does not otherwise spend on this.
@@ -168,9 +166,9 @@ class _DeviceBucket:
 
 
 def _device_buckets() -> dict[str, _DeviceBucket]:
-    from heavylift.optim.formats import FORMATS
+    from heavylift.optim.formats import FORMATS, SELF_TAILED
 
-    return {name: _DeviceBucket(FORMATS[name]) for name in ASSIST_FORMATS}
+    return {name: _DeviceBucket(FORMATS[name]) for name in SELF_TAILED}
 
 
 _DEVICE_BUCKET = _device_buckets()

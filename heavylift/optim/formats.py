@@ -108,6 +108,11 @@ FORMATS: dict[str, StateFormat] = {f.name: f for f in (
 )}
 
 
+# Formats whose GPU tail is the format itself: the GPU can step their host state as it is stored
+# (offload.gpu_assist); the others' tail is another format.
+SELF_TAILED = tuple(name for name, f in FORMATS.items() if f.tail == name)
+
+
 def native_step(module, fmt: StateFormat, src: dict[str, Tensor], dst: dict[str, Tensor], grad: Tensor,
                 hp: AdamWHyper, step: int, grad_mul: float, row_len: int, sr: tuple[int, int] = (0, 0)) -> None:
     """One step of heavylift's CPU kernel for ``fmt``: reads ``src``, writes ``dst`` (may be ``src``).
