@@ -36,7 +36,7 @@ bench)
   mkdir -p "$OUT/r"
   timeout ${BENCH_TIMEOUT:-480} python -m heavylift bench --model qwen3-4b --seq 4096 --mbs 4 --steps 3 \
     --peers-dir .bench/bench --peers "${PEERS:-fsdp2-offload,deepspeed-zero3-offload,deepspeed-superoffload}" \
-    --peer-timeout "${PEER_TIMEOUT:-110}" --out "$OUT/r" > "$OUT/bench.log" 2>&1
+    --peer-timeout "${PEER_TIMEOUT:-110}" --budget-s "${BENCH_BUDGET:-0}" --out "$OUT/r" > "$OUT/bench.log" 2>&1
   # FLOOR=0 skips the shared floor probe (the stock model's fwd+bwd), when an earlier call on the box has it
   [ "${FLOOR:-1}" = 0 ] || (cd .bench/bench && timeout 100 python floor_probe.py) > "$OUT/floor_probe.log" 2>&1
   tail -25 "$OUT/bench.log"; tail -2 "$OUT/floor_probe.log" 2>/dev/null

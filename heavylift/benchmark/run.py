@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 from heavylift.benchmark.peers import MODES, install_wheels, json_records, launcher, run_peer
 from heavylift.benchmark.table import assemble, markdown
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
     p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--peer-timeout", type=int, default=420)
+    p.add_argument("--budget-s", type=int, default=0,
+                   help="wall seconds for the whole bench (0: none): the last peers get what is left, so a "
+                   "peer stopped early still reports its timed steps; results are written after each part")
     p.add_argument("--out", default="benchmarks/results")
 
 
@@ -94,9 +98,19 @@ def _commit() -> str:
         return "unknown"
 
 
+def peer_timeout(a: argparse.Namespace, started: float, now: float) -> int:
+    """One peer's time limit: ``--peer-timeout``, cut to what is left of ``--budget-s`` (less 15 s to write
+    the results); 0 when too little is left to start one."""
+    if not a.budget_s:
+        return a.peer_timeout
+    left = int(a.budget_s - (now - started)) - 15
+    return min(a.peer_timeout, left) if left >= 30 else 0
+
+
 def run(a: argparse.Namespace) -> int:
     import torch
 
+    started = time.monotonic()
     if not torch.cuda.is_available():
         raise HeavyliftError("heavylift bench measures GPU training: run it on a machine with a CUDA GPU")
     counts = gpu_counts(a.gpus, torch.cuda.device_count())
@@ -110,26 +124,39 @@ def run(a: argparse.Namespace) -> int:
         steps, raw[f"heavylift-{n}gpu"] = _json_lines(step_command(a, n), 1200)
         by_gpus[n] = steps[0]
     step = by_gpus[gpus]
-    peers, notes = {}, {}
-    wanted = [p for p in a.peers.split(",") if p]
-    if wanted and not a.peers_dir:
-        notes.update({p: "not run: no --peers-dir" for p in wanted})
-    elif wanted:
-        site = install_wheels(a.peers_dir)
-        for name in wanted:
-            if name not in MODES:
-                raise HeavyliftError(f"unknown peer {name!r}: use {', '.join(MODES)}")
-            peers[name], notes[name], raw[name] = run_peer(name, a.peers_dir, site, a.model, a.seq, a.mbs,
-                                                           a.steps, a.clip, a.peer_timeout, gpus)
-    card = ceilings["card"]
     case = {"shape": a.model, "seq": a.seq, "micro_batch": a.mbs, "accumulation": a.accum, "clip": a.clip,
             "state_format": a.state_format, "gpus": gpus}
     date = datetime.date.today().isoformat()
-    result = assemble(case, card, _commit(), date, ceilings, step, peers, {k: v for k, v in notes.items() if v},
-                      scaling=by_gpus)
+    card = ceilings["card"]
     stem = f"{date}-{a.model}-s{a.seq}x{a.mbs}-{gpus}x{card.replace(' ', '_')}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown(result))
-    (out_dir / f"{stem}.log").write_text("\n".join(f"=== {k}\n{v}" for k, v in raw.items()))
-    print(markdown(result))
+    peers, notes = {}, {}
+
+    def write() -> dict:
+        # after every part, so that a bench stopped from outside keeps what it measured
+        result = assemble(case, card, _commit(), date, ceilings, step, peers,
+                          {k: v for k, v in notes.items() if v}, scaling=by_gpus)
+        (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / f"{stem}.md").write_text(markdown(result))
+        (out_dir / f"{stem}.log").write_text("\n".join(f"=== {k}\n{v}" for k, v in raw.items()))
+        return result
+
+    wanted = [p for p in a.peers.split(",") if p]
+    unknown = [p for p in wanted if p not in MODES]
+    if unknown:
+        raise HeavyliftError(f"unknown peer {unknown[0]!r}: use {', '.join(MODES)}")
+    if wanted and not a.peers_dir:
+        notes.update({p: "not run: no --peers-dir" for p in wanted})
+    write()
+    if wanted and a.peers_dir:
+        site = install_wheels(a.peers_dir)
+        for name in wanted:
+            notes[name] = "not finished: the bench was stopped from outside while this peer ran"
+            limit = peer_timeout(a, started, time.monotonic())
+            if not limit:
+                peers[name], notes[name] = None, f"not run: the bench's --budget-s {a.budget_s} was spent"
+                continue
+            peers[name], notes[name], raw[name] = run_peer(name, a.peers_dir, site, a.model, a.seq, a.mbs,
+                                                           a.steps, a.clip, limit, gpus)
+            write()
+    print(markdown(write()))
     return 0

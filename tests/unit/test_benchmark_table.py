@@ -57,7 +57,7 @@ import textwrap  # noqa: E402
 import pytest  # noqa: E402
 
 from heavylift.benchmark.peers import harness_shapes, json_records, peer_command, run_peer  # noqa: E402
-from heavylift.benchmark.run import add_arguments, gpu_counts, step_command  # noqa: E402
+from heavylift.benchmark.run import add_arguments, gpu_counts, peer_timeout, step_command  # noqa: E402
 from heavylift.benchmark.table import combine_peer_ranks, combine_ranks  # noqa: E402
 from heavylift.config.errors import HeavyliftError  # noqa: E402
 
@@ -76,6 +76,14 @@ def test_gpu_counts():
     for bad, msg in (("0", "comma list"), ("x", "comma list"), ("", "comma list"), ("8", "has 4 GPU")):
         with pytest.raises(HeavyliftError, match=msg):
             gpu_counts(bad, 4)
+
+
+def test_peer_timeout_is_cut_to_what_is_left_of_the_bench_budget():
+    assert peer_timeout(_bench_args("--peer-timeout", "300"), 0.0, 500.0) == 300  # no budget: the peer's own
+    a = _bench_args("--peer-timeout", "300", "--budget-s", "580")
+    assert peer_timeout(a, 100.0, 200.0) == 300  # 465 s left: the peer's own limit
+    assert peer_timeout(a, 100.0, 450.0) == 215  # 580 - 350 - 15 for writing the results
+    assert peer_timeout(a, 100.0, 640.0) == 0  # 25 s left: too little to start a peer
 
 
 def test_step_command_runs_one_rank_per_gpu_under_torchrun():

@@ -70,7 +70,7 @@ ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "
                   "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--gpu-assist",
                   "--nvme-gbs", "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
 BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--gpu-assist", "--peers-dir",
-               "--peers", "--peer-timeout", "--out"]
+               "--peers", "--peer-timeout", "--budget-s", "--out"]
 
 
 def _flags(parser) -> list[str]:
