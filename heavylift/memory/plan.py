@@ -296,6 +296,8 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     gathered_block = (2 * db + db + 4) * blk  # weights + prefetched next + bf16 grad + fp32 reduce-scatter input
     staging = 2 * 4 * max((b.numel for b in host_buckets), default=0)
     common = {"weights (bf16 shards)": weights, "GPU-tail optimizer state": tail_state}
+    if setup.accum > 1:  # FSDP2 sums each micro-batch into the sharded .grad until the window's last backward
+        common["accumulated gradients (bf16 shards, accum > 1)"] = db * rank_params
     loss_phase = {**common, "gathered root unit (embeddings/head)": root_gathered,
                   "activations: stored block inputs" if setup.activation_checkpointing else
                   "activations: every block": stored,

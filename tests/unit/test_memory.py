@@ -317,6 +317,17 @@ def test_14b_on_the_1_gpu_box_fits_with_int8_moments():
     assert no_tail.host_peak_node - p.host_peak_node == pytest.approx(8.03125 * p.tail_params, rel=0.01)
 
 
+def test_accumulation_keeps_the_sharded_gradients_on_the_card(bench_shape):
+    """With grad_accum > 1 FSDP2 sums each micro-batch into the sharded bf16 .grad until the last backward,
+    so every phase of the GPU peak carries 2 B per parameter more (a 13.1 B fp32 try on one H200 ran out of
+    GPU memory in the planned 115.5 GiB when this was missing)."""
+    one = plan(bench_shape, Setup(seq=4096, mbs=2, accum=1, tail_ratio=0.0), H200)
+    two = plan(bench_shape, Setup(seq=4096, mbs=2, accum=2, tail_ratio=0.0), H200)
+    for phase in one.gpu_phases:
+        assert two.gpu_phases[phase] - one.gpu_phases[phase] == 2 * bench_shape.params
+    assert two.gpu["accumulated gradients (bf16 shards, accum > 1)"] == 2 * bench_shape.params
+
+
 def test_init_tail_is_what_the_card_holds_beyond_the_planned_peak(bench_shape):
     from heavylift.memory.plan import init_tail_params
     s = Setup(seq=4096, mbs=4, loss_chunk_tokens=0)
