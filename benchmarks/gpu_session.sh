@@ -17,7 +17,7 @@
 #   PART=llama8b issue 8: the llama-3-8b shape, fp32 state, seq 4096 x 1 x accum 8 (32K tokens per step)
 #   PART=small   issue 8: the small-batch case (8K tokens per step) with the automatic tail against none
 #   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
-#                fits on this box, then two steps of it (benchmarks/largest_model.py --try)
+#                fits on this box (seq 4096 x 2), then two steps of it (benchmarks/largest_model.py --try)
 #   PART=70b     issue 7: estimate + bench of the Llama-70B shape on 4 GPUs in FMT (nvidia-h200-x4)
 #   PART=train   issue 3/4/5: a preset run with metrics, report PNGs and a checkpoint, a resume from it that
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured

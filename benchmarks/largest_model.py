@@ -1,10 +1,11 @@
 """The largest model that trains on this machine, per state format: the planner's answer, then a try.
 
-For each format, the layer count of a shape family (default: the qwen3-14b width, seq 4096, micro-batch 1,
-accumulation 2) is raised until the planner (the same estimate the engine's preflight checks) says it no
-longer fits this machine; with ``--try``, the largest that fits then runs two optimizer steps of
-``heavylift.benchmark.step`` (one warm-up, one timed; no floor), so the claim is a measured fact, with the
-host RSS and GPU peak it reached. One JSON line per format:
+For each format, the layer count of a shape family (default: the qwen3-14b width, seq 4096, micro-batch 2,
+8,192 tokens per step) is raised until the planner (the same estimate the engine's preflight checks) says
+it no longer fits this machine. No accumulation by default: it keeps 2 B/param of sharded gradients on
+the card between micro-batches, which costs the largest model 1-5 B params. With ``--try``, the
+largest that fits then runs two optimizer steps of ``heavylift.benchmark.step`` (one warm-up, one timed;
+no floor), so the claim is a measured fact, with the host RSS and GPU peak it reached. One JSON line per format:
 
     python benchmarks/largest_model.py [--formats fp32,int8-moments] [--try] [--timeout 400] [--logs DIR]
     python benchmarks/largest_model.py --gpu-mem-gib 80 --host-mem-gib 128   # plan another machine only
@@ -55,15 +56,19 @@ def try_run(a, fmt: str, layers: int) -> dict:
            "--floor", "0", "--state-format", fmt]
     t = time.perf_counter()
     log = pathlib.Path(a.logs) / f"try-{fmt}-{layers}.log" if a.logs else None
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        out, code = proc.stdout + proc.stderr, proc.returncode
+        if log is not None:  # written as it runs: a call stopped from outside still shows where the try was
+            with log.open("w") as f:
+                code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
+        else:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
+            out, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:  # keep what it printed: where it was when time ran out
         out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         code = None
     if log is not None:
-        log.write_text(out)
+        out = log.read_text(errors="replace")
     records = json_records(out)
     if code or not records:
         why = f"timed out after {a.timeout} s" if code is None else f"exit {code}"
@@ -79,8 +84,8 @@ def main() -> None:
     ap.add_argument("--base", default="qwen3-14b", help="a heavylift.benchmark.step shape whose layers are varied")
     ap.add_argument("--formats", default=",".join(STATE_FORMATS))
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--mbs", type=int, default=1)
-    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--try", dest="try_", action="store_true", help="train the largest that fits for two steps")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per try")
     ap.add_argument("--logs", default="", help="a directory for each try's whole output")
@@ -102,7 +107,8 @@ def main() -> None:
             nxt = plans_fit(a.base, layers + 1, s, machine)[1]
             rec["next_refused"] = {"layers": layers + 1, "params_b": round(nxt.shape.params / 1e9, 2),
                                    "reasons": nxt.reasons}
-            if a.try_:
+            if a.try_:  # the plan first, on stderr: a try stopped from outside leaves it behind
+                print(json.dumps(rec), file=sys.stderr, flush=True)
                 rec["try"] = try_run(a, fmt, layers)
         print(json.dumps(rec), flush=True)
 
