@@ -9,7 +9,7 @@
 #   PART=scale   issue 7: bench --gpus COUNTS (weak scaling), PEERS at the largest count, nvidia-h200-x4
 #   PART=big     issue 6: kernel speed per format, qwen3-14b in FMT on one GPU (nvidia-h200)
 #   PART=nvme    issue 6: qwen3-4b with NVME_RATIO of the host state on disk vs all in RAM (nvidia-h200)
-#   PART=assist  issue 6/8: offload.gpu_assist phases (0 = off) on clipped steps: qwen3-4b with 80% of the
+#   PART=assist  issue 6/8: offload.gpu_assist phases (auto first, 0 = off) on clipped steps: qwen3-4b with 80% of the
 #                params stepped on the host (fp32), then qwen3-14b in int8-moments (nvidia-h200)
 #   PART=accuracy issue 6 item 2 at a larger scale: the qwen3-4b shape (random init: the box has no network)
 #                trained on the bundled data in each of FORMATS (3 fit a call: ~2.5 min each), every bucket's
@@ -108,9 +108,9 @@ nvme)
   ;;
 assist)
   timeout ${T4B:-270} python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --warmup 3 --steps 3 \
-    --ratio 0.8 --gpu-assist "${ASSISTS:-0,0.3,0.5,0.7}" > "$OUT/assist-4b.jsonl" 2> "$OUT/assist-4b.err"
-  [ "${ASSISTS14:-0,0.5}" = none ] || timeout ${T14B:-300} python -m heavylift.benchmark.step --model qwen3-14b --seq 4096 --mbs 1 --accum 2 --warmup 3 \
-    --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-0,0.5}" > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
+    --ratio 0.8 --gpu-assist "${ASSISTS:-auto,0,0.4}" > "$OUT/assist-4b.jsonl" 2> "$OUT/assist-4b.err"
+  [ "${ASSISTS14:-auto,0}" = none ] || timeout ${T14B:-300} python -m heavylift.benchmark.step --model qwen3-14b --seq 4096 --mbs 1 --accum 2 --warmup 3 \
+    --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-auto,0}" > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
   for f in assist-4b assist-14b; do python -c "import json, sys
 for l in open(sys.argv[1]):
     r = json.loads(l); print(sys.argv[1][-16:], r['gpu_assist'], r['step_s'], r['forward_wait_s'], r['speculation'], r['floor'])" \

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from heavylift.config.errors import ConfigError
-from heavylift.config.schema import EngineConfig, validate
+from heavylift.config.schema import EngineConfig, assist_wanted, validate
 from heavylift.dist.env import DistEnv, init_dist
 from heavylift.engine_placement import InitPlacement
 from heavylift.models.loss import chunked_causal_lm_loss
@@ -176,7 +176,7 @@ class Engine(InitPlacement):
                                      snapshot=speculate and native is None and not nvme,
                                      tail=spec.index >= first_tail,
                                      double_buffer=speculate and native is not None and not nvme, fmt=fmt,
-                                     pin_all=cfg.offload.gpu_assist > 0,
+                                     pin_all=assist_wanted(cfg.offload, self.device.type == "cuda"),
                                      grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot], nvme=nvme)
             for slot in bucket.slots:
                 slot.sr = stream_of[slot.spec.name]
@@ -224,7 +224,8 @@ class Engine(InitPlacement):
         self.pipeline = OffloadPipeline(
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
-            ring=self.ring, gpu_assist=cfg.offload.gpu_assist,
+            ring=self.ring, gpu_assist=0.0 if cfg.offload.gpu_assist == "auto" else cfg.offload.gpu_assist,
+            assist=assist_wanted(cfg.offload, self.device.type == "cuda"),  # auto: the placement sets the share
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
@@ -379,7 +380,7 @@ class Engine(InitPlacement):
         """Where the steps put things: how many buckets step on the GPU, which blocks recompute. A resume
         must continue with the same (the GPU tail and the CPU kernel round differently)."""
         return {"tail_buckets": len(self.buckets) - self.first_tail,
-                "recomputing": [checkpointed(b) for b in self.blocks]}
+                "recomputing": [checkpointed(b) for b in self.blocks], "gpu_assist": self.pipeline.gpu_assist}
 
     def restore_placement(self, state: dict | None) -> None:
         """Apply a checkpoint's placement (same rank count) and stop adapting: the resumed run steps
@@ -390,6 +391,8 @@ class Engine(InitPlacement):
         if self.config.activation_checkpointing and len(state["recomputing"]) == len(self.blocks):
             for block, on in zip(self.blocks, state["recomputing"]):
                 set_checkpointed(block, on)
+        if self.config.offload.gpu_assist == "auto" and self.pipeline.assisting:  # the share auto chose
+            self.pipeline.gpu_assist = state.get("gpu_assist", 0.0)
         if self.placement is not None:
             self.placement.settle()
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from heavylift.config.schema import assist_wanted
 from heavylift.dist.guard import guarded
 from heavylift.memory.constants import HOST_FIT_FRACTION
 from heavylift.offload.buckets import BucketSpec
@@ -93,7 +94,7 @@ class InitPlacement:
         # gradient slot + master (+ the back master)
         pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0)) \
             + n_nvme * slot
-        if self.config.offload.gpu_assist > 0:  # every state buffer pinned: the assist sends it up and back
+        if assist_wanted(self.config.offload, self.device.type == "cuda"):  # all pinned: the assist sends them up
             pinned = n * (state + (back if speculate and double_buffer else 0)) + n_nvme * slot
         check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring), int(pinned), pin,
                           ranks_per_node=local, available=avail)

@@ -68,9 +68,10 @@ def _batch(cfg, a) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device="cuda")
 
 
-def measure_steps(engine, cfg, a, clip: float, assist: float = 0.0) -> dict:
+def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dict:
     engine.config.optim.max_grad_norm = clip
-    engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
+    if assist != "auto":  # auto: the placement sets it after the first steps
+        engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
     spec0 = dict(engine.pipeline.stats)
     times, waits, norms, retries = [], [], [], 0
     for step in range(a.warmup + a.steps):
@@ -88,7 +89,8 @@ def measure_steps(engine, cfg, a, clip: float, assist: float = 0.0) -> dict:
             norms.append(engine.last_step.grad_norm)
             retries += torch.cuda.memory_stats().get("num_alloc_retries", 0) - r0
     engine.pipeline.wait_all()
-    return {"clip": clip, "gpu_assist": assist, "step_s": statistics.median(times),
+    return {"clip": clip, "gpu_assist": assist, "assist_share": engine.pipeline.gpu_assist,
+            "step_s": statistics.median(times),
             "step_times": [round(x, 3) for x in times],
             "forward_wait_s": statistics.median(waits), "grad_norms": norms, "alloc_retries": retries,
             "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0}}
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nvme-ratio", type=float, default=-1.0, help="offload.nvme_ratio; < 0: automatic")
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--gpu-assist", default="0", help="comma-separated offload.gpu_assist values, one measured "
-                    "phase each (after each clip value)")
+                    "phase each (after each clip value); auto only first (the placement chooses in the first steps)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
@@ -212,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     model, cfg = build(a.model, a.layers)
     nparams = sum(p.numel() for p in model.parameters())
     clips = [float(c) for c in a.clip.split(",")]
-    assists = [float(f) for f in a.gpu_assist.split(",")]
+    assists = [f if f == "auto" else float(f) for f in a.gpu_assist.split(",")]
+    if "auto" in assists[1:]:
+        raise SystemExit("--gpu-assist: auto may only come first (the placement chooses its share in the first steps)")
     ec = EngineConfig()
     ec.precision.dtype = "bf16"
     ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, clips[0], 0.0
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.nvme_path:
         ec.offload.device, ec.offload.nvme_path = "nvme", a.nvme_path
         ec.offload.nvme_ratio = None if a.nvme_ratio < 0 else a.nvme_ratio
-    ec.offload.gpu_assist = max(assists)
+    ec.offload.gpu_assist = "auto" if assists[0] == "auto" else max(assists)
     ec.loss_chunk_tokens = a.loss_chunk_tokens
     ec.compile, ec.recompute = a.compile, a.recompute
     engine = heavylift.initialize(model=model, config=ec, seq_len=a.seq)[0]  # seq: the tail at init, as train

@@ -80,8 +80,10 @@ class OffloadConfig:
     # Share (by parameters, 0-1) of the RAM buckets the GPU steps in a step that did not speculate (it
     # clipped last time, or speculation is off): their state goes up the link, is stepped with the GPU
     # tail's arithmetic and comes back, while the CPU steps the rest (offload/assist.py). 0: off. Formats:
-    # fp32, int8-moments, bf16-master.
-    gpu_assist: float = 0.0
+    # fp32, int8-moments, bf16-master. "auto": on a CUDA device with one of those formats, the share that
+    # balances the CPU's rate against the link's, both measured after the first steps
+    # (offload/assist_share.py); off elsewhere. Either way every host state buffer is pinned.
+    gpu_assist: float | Literal["auto"] = 0.0
     # Optimizer threads per rank; 0 means chosen from the cores this rank may use.
     cpu_threads: int = 0
     # Step CPU buckets during backward, before the global norm is known (exactly undone or redone if
@@ -172,11 +174,12 @@ def validate(cfg: EngineConfig) -> EngineConfig:
            "null unless offload.device is nvme")
     _check(f.nvme_buffers >= 1, "offload.nvme_buffers", f.nvme_buffers, "an integer >= 1 (3 or 4 is typical)")
     _check(f.ratio is None or 0.0 <= f.ratio <= 1.0, "offload.ratio", f.ratio, "null (auto) or [0, 1]")
-    _check(0.0 <= f.gpu_assist <= 1.0, "offload.gpu_assist", f.gpu_assist, "a fraction in [0, 1] (0: off)")
+    _check(f.gpu_assist == "auto" or 0.0 <= f.gpu_assist <= 1.0, "offload.gpu_assist", f.gpu_assist,
+           "a fraction in [0, 1] (0: off) or auto")
     from heavylift.optim.formats import SELF_TAILED
 
-    _check(f.gpu_assist == 0.0 or f.state_format in SELF_TAILED, "offload.gpu_assist", f.gpu_assist,
-           f"0 with state_format {f.state_format!r} (the GPU steps {', '.join(SELF_TAILED)})")
+    _check(f.gpu_assist in (0.0, "auto") or f.state_format in SELF_TAILED, "offload.gpu_assist", f.gpu_assist,
+           f"0 or auto with state_format {f.state_format!r} (the GPU steps {', '.join(SELF_TAILED)})")
     _check(f.cpu_threads >= 0, "offload.cpu_threads", f.cpu_threads, "0 (auto) or an integer >= 1")
     _check(f.kernel in ("auto", "native", "torch"), "offload.kernel", f.kernel, "auto, native or torch")
     _check(f.state_format in STATE_FORMATS, "offload.state_format", f.state_format,
@@ -195,3 +198,13 @@ def validate(cfg: EngineConfig) -> EngineConfig:
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(key, value, allowed)
+
+
+def assist_wanted(offload: OffloadConfig, cuda: bool) -> bool:
+    """Whether the GPU assist runs (its thread, every host state buffer pinned): a share > 0, or "auto" on a
+    CUDA device with a state format the GPU steps itself."""
+    from heavylift.optim.formats import SELF_TAILED
+
+    if offload.gpu_assist == "auto":
+        return cuda and offload.state_format in SELF_TAILED
+    return offload.gpu_assist > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from heavylift.config.errors import HeavyliftError
+from heavylift.config.schema import assist_wanted
 from heavylift.memory.machine import this_machine
 from heavylift.memory.estimate import estimate
 from heavylift.memory.plan import Machine, Plan, Setup, slot_of
@@ -30,7 +31,8 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
                  pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
                  load_bytes=load_bytes, state_format=e.offload.state_format, offload_device=e.offload.device,
                  nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers,
-                 gpu_assist=e.offload.gpu_assist,
+                 # auto: the share is chosen at run time; the planner needs only that every buffer is pinned
+                 gpu_assist=float(assist_wanted(e.offload, cuda)) if e.offload.gpu_assist == "auto" else e.offload.gpu_assist,
                  compiled=cuda and e.compile != "off")
 
 

@@ -87,6 +87,7 @@ class OffloadPipeline(FloorProbes):
         native=None,
         ring=None,
         gpu_assist: float = 0.0,
+        assist: bool = False,
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -122,7 +123,7 @@ class OffloadPipeline(FloorProbes):
         self._cpu_threads = cpu_threads
         self._worker = threading.Thread(target=self._work, name="heavylift-cpu-adamw", daemon=True)
         self._worker.start()
-        self._assist = GpuAssist(self) if gpu_assist > 0 else None
+        self._assist = GpuAssist(self) if assist or gpu_assist > 0 else None  # its share may be set later
 
     # ---- autograd thread: backward ------------------------------------------------------------
     def begin_boundary_backward(self, inv_scale: float) -> None:
@@ -226,6 +227,11 @@ class OffloadPipeline(FloorProbes):
                         local_of(s.device_param).copy_(s.master)
                 self._final[b].set()
         return StepResult(grad_norm=norm, clip_coef=coef, skipped=found_inf)
+
+    @property
+    def assisting(self) -> bool:
+        """The GPU assist's thread exists (offload.gpu_assist > 0, or auto on a CUDA device)."""
+        return self._assist is not None
 
     def _assisted_now(self) -> set[int]:
         """The RAM buckets the GPU steps in this step (offload/assist.py): only in a step that did not

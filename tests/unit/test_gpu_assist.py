@@ -74,6 +74,56 @@ def test_gpu_assist_is_validated():
         validate(ec)
 
 
+def test_balanced_share_ends_the_cpu_and_link_parts_together():
+    from heavylift.offload.assist_share import MAX_SHARE, balanced_share, pass_speedup
+    from heavylift.optim.formats import FORMATS
+
+    fp32, int8 = FORMATS["fp32"], FORMATS["int8-moments"]
+    assert (fp32.back_bytes, fp32.upload_bytes) == (12, 4)
+    # the docstring's figures: 50 GB/s, 3.5 G params/s, a bf16 gradient slot
+    f = balanced_share(3.5e9, 50e9, fp32.back_bytes, 2, fp32.upload_bytes)
+    assert f == pytest.approx(0.4235, abs=1e-3)
+    assert balanced_share(3.5e9, 50e9, int8.back_bytes, 2, int8.upload_bytes) == pytest.approx(0.56, abs=0.01)
+    # at that share the CPU's (1 - f) N / R and the link's (f (S + g) + (1 - f) u) N / B are equal
+    n, r, b = 1e9, 3.5e9, 50e9
+    assert (1 - f) * n / r == pytest.approx((f * 14 + (1 - f) * 4) * n / b, rel=1e-9)
+    assert pass_speedup(f) == pytest.approx(1.735, abs=1e-3)
+    # session 6's H200 box (55.4 GB/s up, 4.14 G params/s mid-backward): 0.40, the measured best of 0/0.4/0.7
+    assert balanced_share(4.14e9, 55.37e9, 12, 2, 4) == pytest.approx(0.40, abs=0.005)
+    assert balanced_share(3.5e9, 10e9, 12, 2, 4) == 0.0  # a link slower than the CPU's own uploads: no gain
+    assert balanced_share(0.0, 50e9, 12, 2, 4) == 0.0  # no CPU rate measured
+    assert balanced_share(1e6, 50e9, 12, 2, 4) == MAX_SHARE  # a crawling CPU still keeps its share
+
+
+def test_gpu_assist_auto_is_accepted_and_wanted_only_on_a_gpu_with_a_self_tailed_format():
+    from heavylift.config.load import apply_overrides, build
+    from heavylift.config.schema import assist_wanted
+
+    ec = build(EngineConfig, apply_overrides({}, ["--offload.gpu_assist=auto"]))
+    assert ec.offload.gpu_assist == "auto"
+    validate(ec)
+    assert assist_wanted(ec.offload, cuda=True) and not assist_wanted(ec.offload, cuda=False)
+    ec.offload.state_format = "bf16-master-int8"  # the GPU does not step it: auto is off, not an error
+    validate(ec)
+    assert not assist_wanted(ec.offload, cuda=True)
+    ec.offload.gpu_assist = 0.5
+    with pytest.raises(ConfigError, match="0 or auto with state_format 'bf16-master-int8'"):
+        validate(ec)
+    with pytest.raises(ConfigError, match="offload.gpu_assist.*auto"):
+        build(EngineConfig, apply_overrides({}, ["--offload.gpu_assist=sometimes"]))
+
+
+def test_gpu_assist_auto_on_cpu_trains_as_off():
+    """On a CPU device auto has nothing to balance against: no assist thread, no extra pinning, the same bits."""
+    case = Case("auto", max_norm=0.05, speculate=False, steps=3, bucket_params=3000)
+    off = run_case(case, keep_state=True)
+    auto = run_case(dataclasses.replace(case, gpu_assist="auto"), keep_state=True)
+    assert auto["stats"]["assisted"] == 0
+    assert len(off["final_state"]) == len(auto["final_state"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(off["final_state"], auto["final_state"]))
+    assert run_case(dataclasses.replace(case, gpu_assist=0.5))["stats"]["assisted"] > 0  # where a share would
+
+
 def test_resume_with_assist_is_bit_identical(tmp_path):
     """A checkpoint taken mid-run with assisted steps resumes into the same bits as the straight run."""
     from heavylift.checkpoint import load, save
