@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -21,6 +22,7 @@ from heavylift.config.errors import ConfigError
 from heavylift.config.schema import EngineConfig, assist_wanted, validate
 from heavylift.dist.env import DistEnv, init_dist
 from heavylift.engine_placement import InitPlacement
+from heavylift.models.compute_dtype import cpu_bf16_slowdown, resolve_dtype
 from heavylift.models.loss import chunked_causal_lm_loss
 from heavylift.offload.buckets import ParamSpec, plan_buckets, split_tail
 from heavylift.offload.nvme_ring import NvmeRing
@@ -102,11 +104,12 @@ class Engine(InitPlacement):
     """Owns the sharded model, the state store, the pipeline and the step counters of one rank."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, weights: str | None = None, seq_len: int | None = None):
+        self.env: DistEnv = init_dist()
+        self.device = self.env.device
+        cfg = self._resolve_dtype(cfg)
         self.config = cfg
         self.state_format = FORMATS[cfg.offload.state_format]
         self.grad_slot = grad_slot.resolve(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype)
-        self.env: DistEnv = init_dist()
-        self.device = self.env.device
         self.dtype = _DTYPES[cfg.precision.dtype]
         self.scaler = LossScaler.from_config(cfg.precision)
         self.micro_step = 0
@@ -248,6 +251,17 @@ class Engine(InitPlacement):
         if self.device.type == "cuda":
             self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,
                                            recompute=cfg.activation_checkpointing and cfg.recompute == "auto")
+
+    def _resolve_dtype(self, cfg: EngineConfig) -> EngineConfig:
+        """``precision.dtype: auto`` made concrete (models/compute_dtype.py), alike on every rank: fp32 if any
+        rank's CPU lacks native bf16. The caller's config is not changed."""
+        if cfg.precision.dtype != "auto":
+            return cfg
+        bf16 = self._min_over_ranks(int(resolve_dtype("auto", self.device.type == "cuda") == "bf16"))
+        if self.env.is_main:
+            log.info("precision.dtype auto: %s", "bf16" if bf16 else
+                     f"fp32 (this CPU's bf16 matmul is {cpu_bf16_slowdown():.0f}x slower than its fp32 one)")
+        return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16" if bf16 else "fp32"))
 
     def _native_kernel(self, required: bool = False):
         from heavylift.config.errors import HeavyliftError

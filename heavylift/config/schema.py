@@ -12,7 +12,7 @@ from typing import Literal
 
 from heavylift.config.errors import ConfigError
 
-Dtype = Literal["bf16", "fp16", "fp32"]
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 StateFormatName = Literal["fp32", "bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8"]
 STATE_FORMATS = ("fp32", "bf16-moments", "int8-moments", "bf16-master", "bf16-master-int8")  # optim/formats.py defines each
 ScheduleKind = Literal["constant", "warmup", "warmup_cosine", "warmup_linear"]
@@ -48,7 +48,9 @@ class ScheduleConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Compute dtype of the GPU copy of the weights; fp16 adds dynamic loss scaling."""
+    """Compute dtype of the GPU copy of the weights; fp16 adds dynamic loss scaling. "auto" (heavylift
+    train's default): bf16 on a GPU and on a CPU with native bf16 matmuls, fp32 on other CPUs
+    (models/compute_dtype.py)."""
 
     dtype: Dtype = "bf16"
     # fp16 only. 0 means dynamic scaling starting at 2**initial_scale_power.
@@ -159,7 +161,7 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(0 <= s.warmup_start_ratio <= 1, "schedule.warmup_start_ratio", s.warmup_start_ratio, "[0, 1]")
     _check(0 <= s.min_ratio <= 1, "schedule.min_ratio", s.min_ratio, "[0, 1]")
     p = cfg.precision
-    _check(p.dtype in ("bf16", "fp16", "fp32"), "precision.dtype", p.dtype, "bf16, fp16 or fp32")
+    _check(p.dtype in ("auto", "bf16", "fp16", "fp32"), "precision.dtype", p.dtype, "auto, bf16, fp16 or fp32")
     _check(p.loss_scale >= 0, "precision.loss_scale", p.loss_scale, "0 (dynamic) or a number > 0")
     _check(p.loss_scale_window >= 1, "precision.loss_scale_window", p.loss_scale_window, "an integer >= 1")
     _check(p.min_loss_scale > 0, "precision.min_loss_scale", p.min_loss_scale, "a number > 0")

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from heavylift.config.errors import ConfigError
-from heavylift.config.schema import EngineConfig, OptimConfig, ScheduleConfig, validate
+from heavylift.config.schema import EngineConfig, OptimConfig, PrecisionConfig, ScheduleConfig, validate
 
 
 def _default_engine() -> EngineConfig:
+    # precision auto: bf16, except fp32 on a CPU without native bf16 matmuls (20x faster there)
     return EngineConfig(optim=OptimConfig(lr=1e-4), schedule=ScheduleConfig(kind="warmup_cosine", warmup_steps=2,
-                                                                   warmup_start_ratio=0.1))
+                                                                   warmup_start_ratio=0.1),
+                        precision=PrecisionConfig(dtype="auto"))
 
 
 

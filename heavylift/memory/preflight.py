@@ -6,6 +6,7 @@ import os
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.config.schema import assist_wanted
+from heavylift.models.compute_dtype import resolve_dtype
 from heavylift.memory.machine import this_machine
 from heavylift.memory.estimate import estimate
 from heavylift.memory.plan import Machine, Plan, Setup, slot_of
@@ -23,11 +24,12 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     local = max(min(local, world), 1)
+    dtype = resolve_dtype(e.precision.dtype, cuda)
     return Setup(gpus_per_node=local, nodes=max(world // local, 1), seq=seq_len, mbs=e.batch.micro_batch_size,
                  accum=e.batch.grad_accum, activation_checkpointing=e.activation_checkpointing,
                  speculate=e.offload.speculate, tail_ratio=None if e.offload.ratio is None else 1.0 - e.offload.ratio,
-                 bucket_params=e.offload.bucket_params, dtype_bytes=4 if e.precision.dtype == "fp32" else 2,
-                 compute_dtype=e.precision.dtype, grad_slot=e.offload.grad_slot,
+                 bucket_params=e.offload.bucket_params, dtype_bytes=4 if dtype == "fp32" else 2,
+                 compute_dtype=dtype, grad_slot=e.offload.grad_slot,
                  pin=e.offload.pin_memory and cuda, loss_chunk_tokens=e.loss_chunk_tokens,
                  load_bytes=load_bytes, state_format=e.offload.state_format, offload_device=e.offload.device,
                  nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers,

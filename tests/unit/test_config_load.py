@@ -148,7 +148,7 @@ def test_build_unknown_key_names_full_dotted_key_and_suggests():
     ({"engine": {"offload": {"ratio": "auto"}}}, "engine.offload.ratio", "a number or null"),
     ({"engine": {"offload": {"device": "disk"}}}, "engine.offload.device", "one of 'cpu', 'nvme'"),
     ({"engine": {"batch": {"grad_accum": 1.5}}}, "engine.batch.grad_accum", "an integer"),
-    ({"engine": {"precision": {"dtype": "int8"}}}, "engine.precision.dtype", "'bf16', 'fp16', 'fp32'"),
+    ({"engine": {"precision": {"dtype": "int8"}}}, "engine.precision.dtype", "'auto', 'bf16', 'fp16', 'fp32'"),
     ({"engine": {"optim": 3}}, "engine.optim", "a mapping with keys"),
     ({"engine": {"seed": None}}, "engine.seed", "an integer"),
     ({"mode": True}, "mode", "one of 'sft', 'pretrain'"),
