@@ -257,7 +257,8 @@ class Engine(InitPlacement):
         rank's CPU lacks native bf16. The caller's config is not changed."""
         if cfg.precision.dtype != "auto":
             return cfg
-        bf16 = self._min_over_ranks(int(resolve_dtype("auto", self.device.type == "cuda") == "bf16"))
+        bf16 = self._min_over_ranks(int(resolve_dtype("auto", self.device.type == "cuda") == "bf16"),
+                                    "precision.dtype auto all-reduce")
         if self.env.is_main:
             log.info("precision.dtype auto: %s", "bf16" if bf16 else
                      f"fp32 (this CPU's bf16 matmul is {cpu_bf16_slowdown():.0f}x slower than its fp32 one)")

@@ -100,10 +100,10 @@ class InitPlacement:
                           ranks_per_node=local, available=avail)
         return speculate
 
-    def _min_over_ranks(self, value: int | None) -> int | None:
+    def _min_over_ranks(self, value: int | None, what: str = "host-memory preflight all-reduce") -> int | None:
         if value is None or self.env.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        with guarded("host-memory preflight all-reduce", device=self.device):
+        with guarded(what, device=self.device):
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())

@@ -150,11 +150,12 @@ def run(a: argparse.Namespace) -> int:
     if wanted and a.peers_dir:
         site = install_wheels(a.peers_dir)
         for name in wanted:
-            notes[name] = "not finished: the bench was stopped from outside while this peer ran"
             limit = peer_timeout(a, started, time.monotonic())
             if not limit:
                 peers[name], notes[name] = None, f"not run: the bench's --budget-s {a.budget_s} was spent"
                 continue
+            notes[name] = "not finished: the bench was stopped from outside while this peer ran"
+            write()  # so that a bench killed while this peer runs says so
             peers[name], notes[name], raw[name] = run_peer(name, a.peers_dir, site, a.model, a.seq, a.mbs,
                                                            a.steps, a.clip, limit, gpus)
             write()

@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     assists = [f if f == "auto" else float(f) for f in a.gpu_assist.split(",")]
     if "auto" in assists[1:]:
         raise SystemExit("--gpu-assist: auto may only come first (the placement chooses its share in the first steps)")
+    from heavylift.optim.formats import SELF_TAILED
+    if assists[0] == "auto" and any(assists[1:]) and a.state_format not in SELF_TAILED:
+        raise SystemExit(f"--gpu-assist: the GPU does not step {a.state_format} (auto is off for it): give only "
+                         f"shares, or a format of {', '.join(SELF_TAILED)}")
     ec = EngineConfig()
     ec.precision.dtype = "bf16"
     ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, clips[0], 0.0
@@ -235,8 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     tokens = a.mbs * a.seq * a.accum
     flops = model_flops_per_token(cfg, nparams, a.seq) * tokens
     phases = []
+    auto_share = None  # what the placement chose in the first auto phase, for the later ones
     for clip, assist in [(c, f) for c in clips for f in assists]:
+        if assist == "auto" and auto_share is not None:
+            engine.pipeline.gpu_assist = auto_share
         phases.append(measure_steps(engine, cfg, a, clip, assist))
+        if assist == "auto":
+            auto_share = engine.pipeline.gpu_assist
         print("phase", json.dumps(phases[-1]), file=sys.stderr, flush=True)
     floor = measure_floor(engine, cfg, a) if a.floor else {"floor_s": None}
     common = {

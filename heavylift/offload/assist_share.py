@@ -40,9 +40,10 @@ def pass_speedup(share: float) -> float:
     return 1.0 / (1.0 - share)
 
 
-def link_bytes_per_s(device: torch.device, nbytes: int = 64 * 2**20, reps: int = 3) -> float:
-    """Pinned host-to-device rate on ``device`` (the assist's bottleneck direction), best of ``reps``."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+def link_bytes_per_s(device: torch.device, pinned: bool = True, nbytes: int = 64 * 2**20, reps: int = 3) -> float:
+    """Host-to-device rate on ``device`` (the assist's bottleneck direction) from pinned memory, or pageable
+    where offload.pin_memory is off, best of ``reps``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     best = float("inf")
     for _ in range(reps + 1):  # the first copy warms the path

@@ -10,7 +10,7 @@ takes whatever is left (state on the GPU never costs GPU time worth speaking of)
     step 1   compile warm-up (first forward compiles); nothing decided
     step 2   measured: peak memory, one forward, the CPU kernel's rate mid-backward
              -> gpu_assist auto: the share that balances that rate against the link's, measured now
-                (offload/assist_share.py); the post-norm pass is then 1/(1-share) times shorter
+                (offload/assist_share.py); a non-speculated post-norm pass is then 1/(1-share) times shorter
              -> tail grows to what hiding a clipped step needs (offload/tail.py tail_for_hiding)
              -> one block stops recomputing; a probe records what it keeps (shard/recompute.py)
     step 3   measured: the new peak -> as many more blocks stop recomputing as the spare memory holds
@@ -103,16 +103,20 @@ class AutoPlacement:
         p = e.pipeline
         rate = p.cpu_params / p.cpu_seconds if p.cpu_seconds > 0 else 0.0
         host = e.buckets[: e.first_tail]
-        if self.assist and host:  # every rank has host buckets here (the tail at init is planned alike)
+        if self.assist:  # on every rank, host buckets or not (shards differ): the share is agreed below
             self.assist = False
             p.wait_all()  # the link alone: the step's own uploads done (once, at this step)
-            fmt, link = e.state_format, link_bytes_per_s(self.device)
+            fmt, link = e.state_format, link_bytes_per_s(self.device, pinned=e.config.offload.pin_memory)
             share = balanced_share(rate, link, fmt.back_bytes, grad_slot.slot_bytes(e.grad_slot), fmt.upload_bytes)
             # the smallest over the ranks: a checkpoint records one share, and a resume must step alike
-            p.gpu_assist = e._min_over_ranks(int(share * 1e6)) / 1e6
+            # (a rank without host buckets has nothing to assist: it offers 1, above any share, so it does not veto)
+            agreed = e._min_over_ranks(int((share if host else 1.0) * 1e6), "gpu_assist share all-reduce") / 1e6
+            p.gpu_assist = agreed if agreed < 1.0 else 0.0
+            # The tail below is still sized for the CPU alone: a clipped step that had speculated redoes its
+            # pass without the assist (only the steps after it are assisted), and NVMe buckets never are.
             self._note(f"gpu_assist {p.gpu_assist:.2f}: CPU {rate / 1e9:.2f} G params/s against the link's "
-                       f"{link / 1e9:.1f} GB/s up (a post-norm pass {pass_speedup(p.gpu_assist):.2f}x shorter)")
-            rate *= pass_speedup(p.gpu_assist)  # the pass the tail must hide is that much shorter
+                       f"{link / 1e9:.1f} GB/s up (a non-speculated post-norm pass {pass_speedup(p.gpu_assist):.2f}x "
+                       "shorter)")
         if self.tail and host and rate > 0:
             unit_numels: dict[int, int] = {}
             for b in e.buckets:
@@ -124,7 +128,7 @@ class AutoPlacement:
             moved = sum(b.spec.numel for b in host[len(host) - n:])
             spare -= int(moved * self.tail_bytes)
             e.grow_tail(n)
-            self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: pass "
+            self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
                        f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits {fits})")
         if self.recompute and spare > 0:
             block = self.blocks[-1]
