@@ -1,8 +1,9 @@
 """``precision.dtype: auto``: bf16 where the device multiplies bf16 natively, fp32 where it does not.
 
 Every CUDA card heavylift targets has bf16 tensor cores. CPUs differ: with AVX512-BF16 or AMX a bf16
-matmul runs at least as fast as an fp32 one; with AVX2 only it is emulated (a 2-core AMD EPYC: 0.9 against
-119 GFLOP/s), which makes the embedded default run's steps about 20x slower. A short timed matmul of
+matmul runs at least as fast as an fp32 one; with AVX2 only it is emulated (a 2-core AMD EPYC: 0.94 against
+132 GFLOP/s), which makes the embedded default run's steps about 18x slower
+(benchmarks/results/2026-12-03-cpu-avx2). A short timed matmul of
 each dtype decides, once per process.
 """
 

@@ -87,7 +87,7 @@ class OffloadPipeline(FloorProbes):
         native=None,
         ring=None,
         gpu_assist: float = 0.0,
-        assist: bool = False,
+        assist: bool = False,  # the assist's thread (config.schema.assist_wanted)
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -123,7 +123,7 @@ class OffloadPipeline(FloorProbes):
         self._cpu_threads = cpu_threads
         self._worker = threading.Thread(target=self._work, name="heavylift-cpu-adamw", daemon=True)
         self._worker.start()
-        self._assist = GpuAssist(self) if assist or gpu_assist > 0 else None  # its share may be set later
+        self._assist = GpuAssist(self) if assist else None  # its share (gpu_assist) may be set later
 
     # ---- autograd thread: backward ------------------------------------------------------------
     def begin_boundary_backward(self, inv_scale: float) -> None:

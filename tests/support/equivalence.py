@@ -256,7 +256,7 @@ CASES = [
     # 6 of 20 steps clip. At lr 1e-2 (8 clip) this tiny model's trajectory amplifies the native kernel's
     # few-ulp differences from torch's fused one past tolerance.py's bound on some CPUs (an AMD EPYC:
     # 1.5e-4 after 20 steps; 5.9e-6 at lr 5e-3; 2.5e-7 at 3e-3, 24x under the bound); the torch-kernel case
-    # below keeps lr 1e-2, where both sides run the same kernel
+    # below keeps lr 1e-2, where both sides run the same kernel (benchmarks/results/2026-12-03-cpu-avx2)
     Case("clip_mixed", max_norm=2.0),
     Case("accum4_clip", max_norm=1.0, grad_accum=4, steps=20),
     Case("cosine_two_groups", max_norm=1.0, weight_decay=0.1, schedule="warmup_cosine"),

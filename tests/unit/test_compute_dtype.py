@@ -11,7 +11,7 @@ from heavylift.config import EngineConfig
 from heavylift.config.schema import validate
 from heavylift.config.train import TrainConfig
 from heavylift.models import compute_dtype
-from heavylift.models.compute_dtype import SLOWER, cpu_bf16_slowdown, resolve_dtype
+from heavylift.models.compute_dtype import cpu_bf16_slowdown, resolve_dtype
 from support.equivalence import tiny_model
 
 
@@ -25,10 +25,9 @@ def test_explicit_dtypes_pass_and_auto_follows_the_device(monkeypatch):
     assert resolve_dtype("auto", cuda=False) == "bf16"
 
 
-def test_the_probe_measures_this_cpu():
+def test_the_probe_measures_this_cpu_once():
     slowdown = cpu_bf16_slowdown()
-    assert slowdown > 0
-    assert resolve_dtype("auto", cuda=False) == ("bf16" if slowdown < SLOWER else "fp32")
+    assert 0 < slowdown < 1e4 and cpu_bf16_slowdown() == slowdown  # a ratio of two timings, cached
 
 
 def test_train_defaults_to_auto_and_the_library_to_bf16():
