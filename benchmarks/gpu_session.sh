@@ -124,14 +124,14 @@ accuracy)
   ;;
 llama8b)
   mkdir -p "$OUT/r"
-  timeout 560 python -m heavylift bench --model llama-8b --seq 4096 --mbs 1 --accum 8 --steps 3 \
+  timeout ${L8B_TIMEOUT:-560} python -m heavylift bench --model llama-8b --seq 4096 --mbs 1 --accum 8 --steps 3 \
     --peers "" --out "$OUT/r" > "$OUT/llama8b.log" 2>&1
   tail -20 "$OUT/llama8b.log"
   ;;
 small)
   # 8K tokens per step: the CPU optimizer bounds it; what the automatic GPU tail buys against no tail
   for ratio in -1 1.0; do
-    timeout 270 python -m heavylift.benchmark.step --model qwen3-4b --seq 2048 --mbs 4 --warmup 4 --steps 3 \
+    timeout ${SMALL_TIMEOUT:-270} python -m heavylift.benchmark.step --model qwen3-4b --seq 2048 --mbs 4 --warmup 4 --steps 3 \
       --ratio $ratio > "$OUT/small-ratio$ratio.jsonl" 2> "$OUT/small-ratio$ratio.err"
     tail -c 700 "$OUT/small-ratio$ratio.jsonl"; echo
   done
