@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from heavylift.config.errors import ConfigError
-from heavylift.config.schema import EngineConfig, assist_wanted, validate
+from heavylift.config.schema import EngineConfig, validate
 from heavylift.dist.env import DistEnv, init_dist
 from heavylift.engine_placement import InitPlacement
 from heavylift.models.compute_dtype import cpu_bf16_slowdown, resolve_dtype
@@ -157,8 +157,8 @@ class Engine(InitPlacement):
                               f"{cfg.offload.state_format!r} is stepped by heavylift's native kernel)")
         native = self._native_kernel(required=compact) if cfg.offload.kernel != "torch" else None
         first_ram = self._nvme_split(specs[:first_tail])
-        speculate = self._preflight(specs[first_ram:first_tail], double_buffer=native is not None,
-                                    nvme_specs=specs[:first_ram])
+        speculate, assist = self._preflight(specs[first_ram:first_tail], double_buffer=native is not None,
+                                            nvme_specs=specs[:first_ram])
 
         # Host state first, from the caller's values (or drawn unit by unit for a meta model); then
         # cast and shard the model. NVMe buckets come first in arrival order: their file (and its path
@@ -179,7 +179,7 @@ class Engine(InitPlacement):
                                      snapshot=speculate and native is None and not nvme,
                                      tail=spec.index >= first_tail,
                                      double_buffer=speculate and native is not None and not nvme, fmt=fmt,
-                                     pin_all=assist_wanted(cfg.offload, self.device.type == "cuda"),
+                                     pin_all=assist,
                                      grad_dtype=grad_slot.GRAD_SLOTS[self.grad_slot], nvme=nvme)
             for slot in bucket.slots:
                 slot.sr = stream_of[slot.spec.name]
@@ -228,7 +228,7 @@ class Engine(InitPlacement):
             self.buckets, params_of, self._slot_group, self._hyper, self.device,
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
             ring=self.ring, gpu_assist=0.0 if cfg.offload.gpu_assist == "auto" else cfg.offload.gpu_assist,
-            assist=assist_wanted(cfg.offload, self.device.type == "cuda"),  # auto: the placement sets the share
+            assist=assist,  # auto: the placement sets the share
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)

@@ -16,6 +16,8 @@ from torch import nn
 from heavylift.config.schema import assist_wanted
 from heavylift.dist.guard import guarded
 from heavylift.memory.constants import HOST_FIT_FRACTION
+from heavylift.memory.machine import memlock_limit
+from heavylift.offload.assist_share import auto_assist_pinnable
 from heavylift.offload.buckets import BucketSpec
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
 from heavylift.offload.tail import buckets_to_move
@@ -69,10 +71,11 @@ class InitPlacement:
                           o.nvme_buffers, grad_slot.slot_bytes(self.grad_slot))
 
     def _preflight(self, host_specs: list[BucketSpec], double_buffer: bool = False,
-                   nvme_specs: list[BucketSpec] = ()) -> bool:
+                   nvme_specs: list[BucketSpec] = ()) -> tuple[bool, bool]:
         """Refuse if the host state cannot fit; return whether the speculation snapshot fits too
         (the format's back_bytes more per param, 12 for fp32; without it CPU buckets step after backward:
-        slower, same results)."""
+        slower, same results) and whether the GPU assist runs (``gpu_assist: auto`` turns it off where
+        ``ulimit -l`` cannot pin every host state buffer; alike on every rank)."""
         n = sum(s.numel for s in host_specs)
         fmt = self.state_format
         slot = grad_slot.slot_bytes(self.grad_slot)
@@ -94,11 +97,18 @@ class InitPlacement:
         # gradient slot + master (+ the back master)
         pinned = n * (fmt.host_pinned_bytes(slot) + (fmt.upload_bytes if speculate and double_buffer else 0)) \
             + n_nvme * slot
-        if assist_wanted(self.config.offload, self.device.type == "cuda"):  # all pinned: the assist sends them up
-            pinned = n * (state + (back if speculate and double_buffer else 0)) + n_nvme * slot
-        check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring), int(pinned), pin,
-                          ranks_per_node=local, available=avail)
-        return speculate
+        pinned_all = n * (state + (back if speculate and double_buffer else 0)) + n_nvme * slot  # the assist's
+        assist = assist_wanted(self.config.offload, self.device.type == "cuda")
+        if assist and self.config.offload.gpu_assist == "auto":
+            assist = bool(self._min_over_ranks(int(auto_assist_pinnable(int(pinned_all), pin, memlock_limit())),
+                                               "gpu_assist auto pinning all-reduce"))
+            if not assist and self.env.is_main:
+                log.warning("offload.gpu_assist auto turned off: it pins every host state buffer (%.1f GiB per "
+                            "rank) and `ulimit -l` allows %.1f GiB (raise it to let clipped steps share the "
+                            "CPU's pass with the GPU)", pinned_all / 2**30, (memlock_limit() or 0) / 2**30)
+        check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring),
+                          int(pinned_all if assist else pinned), pin, ranks_per_node=local, available=avail)
+        return speculate, assist
 
     def _min_over_ranks(self, value: int | None, what: str = "host-memory preflight all-reduce") -> int | None:
         if value is None or self.env.world_size == 1:

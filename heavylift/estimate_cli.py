@@ -64,8 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nvme-ratio", type=float, default=None,
                    help="offload.nvme_ratio: fraction of host-stepped params on NVMe (default: what RAM does not hold)")
     p.add_argument("--nvme-buffers", type=int, default=3, help="offload.nvme_buffers: buffer sets in the ring")
-    p.add_argument("--gpu-assist", type=float, default=0.0,
-                   help="offload.gpu_assist: > 0 pins every host state buffer (the pinned figure and ulimit -l)")
+    p.add_argument("--gpu-assist", type=_share_or_auto, default="auto",
+                   help="offload.gpu_assist: a share (> 0 pins every host state buffer: the pinned figure and "
+                        "ulimit -l) or auto (the default: on where the state format allows and ulimit -l can pin "
+                        "it, as heavylift train)")
     p.add_argument("--nvme-gbs", type=float, default=None,
                    help="the NVMe drive's read + write GB/s (default: a 256 MiB probe in --nvme PATH, else 2)")
     p.add_argument("--gpu-tflops", type=float, default=None, help="bf16 rate per GPU (default: probe/746)")
@@ -75,8 +77,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _share_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a share in [0, 1] or auto, not {text!r}") from None
+
+
 def run(argv: list[str]) -> int:
-    from heavylift.memory import Setup, estimate, probe_rates, render, this_machine
+    from heavylift.memory import Setup, probe_rates, render, this_machine
+    from heavylift.memory.preflight import estimate_assisted
     a = parser().parse_args(argv)
     for key in ("gpu_mem_gib", "host_mem_gib", "gpu_tflops", "cpu_params_per_s", "link_gbs", "nvme_free_gib",
                 "nvme_gbs"):
@@ -90,7 +102,8 @@ def run(argv: list[str]) -> int:
                   compute_dtype=a.dtype, grad_slot=a.grad_slot,
                   load_bytes=4 if a.model == "default" else 0,  # as heavylift train loads it
                   offload_device="nvme" if a.nvme or a.nvme_free_gib is not None else "cpu",
-                  nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers, gpu_assist=a.gpu_assist)
+                  nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers,
+                  gpu_assist=1.0 if a.gpu_assist == "auto" else a.gpu_assist)  # auto: on for the formats the GPU steps
     from heavylift.memory import check_setup
     check_setup(setup)  # bad numbers fail before the model is read or anything is probed
     if a.nvme:
@@ -103,6 +116,6 @@ def run(argv: list[str]) -> int:
     machine = this_machine(a.gpu_mem_gib, a.host_mem_gib, nvme_path=a.nvme, nvme_free_gib=a.nvme_free_gib)
     rates = probe_rates(a.gpu_tflops, a.cpu_params_per_s, a.link_gbs, nvme_gbs=a.nvme_gbs,
                         nvme_path=a.nvme if setup.offload_device == "nvme" else "")
-    p = estimate(a.model, setup, machine, rates)
+    p = estimate_assisted(a.model, setup, machine, rates, auto=a.gpu_assist == "auto")
     print(render(p, machine, rates))
     return 0

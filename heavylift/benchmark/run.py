@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--state-format", default="fp32")
-    p.add_argument("--gpu-assist", default="0", help="offload.gpu_assist for heavylift's run: a share, or auto")
+    p.add_argument("--gpu-assist", default="auto",
+                   help="offload.gpu_assist for heavylift's run: auto (as heavylift train), or a share (0: off)")
     p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
     p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--peer-timeout", type=int, default=420)

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nvme-path", default="", help="offload.device nvme with its state file here")
     ap.add_argument("--nvme-ratio", type=float, default=-1.0, help="offload.nvme_ratio; < 0: automatic")
     ap.add_argument("--kernel", default="auto")
-    ap.add_argument("--gpu-assist", default="0", help="comma-separated offload.gpu_assist values, one measured "
+    ap.add_argument("--gpu-assist", default="auto",
+                    help="comma-separated offload.gpu_assist values (default auto, as heavylift train), one measured "
                     "phase each (after each clip value); auto only first (the placement chooses in the first steps)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0)

@@ -82,10 +82,11 @@ class OffloadConfig:
     # Share (by parameters, 0-1) of the RAM buckets the GPU steps in a step that did not speculate (it
     # clipped last time, or speculation is off): their state goes up the link, is stepped with the GPU
     # tail's arithmetic and comes back, while the CPU steps the rest (offload/assist.py). 0: off. Formats:
-    # fp32, int8-moments, bf16-master. "auto": on a CUDA device with one of those formats, the share that
-    # balances the CPU's rate against the link's, both measured after the first steps
-    # (offload/assist_share.py); off elsewhere. Either way every host state buffer is pinned.
-    gpu_assist: float | Literal["auto"] = 0.0
+    # fp32, int8-moments, bf16-master. "auto" (the default): on a CUDA device with one of those formats, the
+    # share that balances the CPU's rate against the link's, both measured after the first steps
+    # (offload/assist_share.py); off elsewhere, and off where `ulimit -l` cannot pin every host state
+    # buffer, which the assist needs (a share > 0 refuses to start there instead).
+    gpu_assist: float | Literal["auto"] = "auto"
     # Optimizer threads per rank; 0 means chosen from the cores this rank may use.
     cpu_threads: int = 0
     # Step CPU buckets during backward, before the global norm is known (exactly undone or redone if

@@ -18,7 +18,7 @@ from heavylift.offload.nvme import file_bytes, region_layout
 from heavylift.offload.preflight import nvme_split
 from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move
 from heavylift.optim import grad_slot
-from heavylift.optim.formats import FORMATS, StateFormat
+from heavylift.optim.formats import FORMATS, SELF_TAILED, StateFormat
 from heavylift.optim.quant import BLOCK
 
 
@@ -337,7 +337,8 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
                      "the engine turns offload.speculate off (CPU buckets then step after backward)")
     back_pinned = int(fmt.master * ram_params)  # the second set's master is uploaded from: pinned
     pin = "pinned: " if setup.pin else ""
-    if setup.gpu_assist > 0:  # every state buffer of both sets is pinned, as the engine's preflight counts it
+    # the assist pins every state buffer of both sets, as the engine's preflight counts it (formats the GPU steps)
+    if setup.gpu_assist > 0 and setup.state_format in SELF_TAILED:
         pinned, back_pinned = int(fmt.host * ram_params), snapshot
         host = {pin + "state + grad slot (+ speculation set), all pinned for gpu_assist":
                 pinned + back_pinned * speculate}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from heavylift.config.errors import HeavyliftError
@@ -38,6 +39,19 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
                  compiled=cuda and e.compile != "off")
 
 
+def estimate_assisted(model, setup: Setup, machine: Machine, rates=None, auto: bool = False) -> Plan:
+    """The estimate; with ``gpu_assist: auto`` planned as on (every host state buffer pinned), planned again
+    with the assist off where ``ulimit -l`` cannot pin that, as the engine then turns it off rather than refuse
+    a run that fits without it (offload/assist_share.py auto_assist_pinnable)."""
+    p = estimate(model, setup, machine, rates)
+    if auto and setup.gpu_assist > 0 and p.verdicts.get("pinned") == "no":
+        p = estimate(model, dataclasses.replace(setup, gpu_assist=0.0), machine, rates)
+        p.notes.append("offload.gpu_assist auto will be off: pinning every host state buffer exceeds `ulimit -l` "
+                       f"({machine.memlock_bytes / 2**30:.1f} GiB); raise it to let clipped steps share the CPU's "
+                       "pass with the GPU")
+    return p
+
+
 def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
     """Refuse (HeavyliftError, with the numbers and what would fit) a run this machine cannot hold; warn when
     the estimate is within its uncertainty. ``HEAVYLIFT_PREFLIGHT=0`` skips it. With offload.device nvme the
@@ -52,7 +66,7 @@ def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
         from heavylift.offload.nvme import check_nvme_path
         check_nvme_path(o.nvme_path, 0)
     setup = setup_for_train(cfg, machine.has_cuda)
-    p = estimate(cfg.model, setup, machine)
+    p = estimate_assisted(cfg.model, setup, machine, auto=o.gpu_assist == "auto")
     head = (f"{p.shape.name} ({p.shape.params / 1e9:.2f} B params), seq {setup.seq}, micro-batch {setup.mbs}, "
             f"{setup.world} rank(s)")
     if not p.fits:

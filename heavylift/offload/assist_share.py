@@ -53,3 +53,10 @@ def link_bytes_per_s(device: torch.device, pinned: bool = True, nbytes: int = 64
         torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
     return nbytes / best
+
+
+def auto_assist_pinnable(pinned_all_bytes: int, pin: bool, memlock_bytes: int | None) -> bool:
+    """Whether ``gpu_assist: auto`` may keep the assist: it pins every host state buffer, so where
+    ``ulimit -l`` (``memlock_bytes``, None: unlimited) cannot hold that, auto turns it off rather than
+    refuse a run that fits without it. Without pinning (offload.pin_memory off) there is nothing to check."""
+    return not pin or memlock_bytes is None or pinned_all_bytes <= memlock_bytes
