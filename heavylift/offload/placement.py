@@ -16,7 +16,10 @@ takes whatever is left (state on the GPU never costs GPU time worth speaking of)
     step 3   measured: the new peak -> as many more blocks stop recomputing as the spare memory holds
     step 4   measured: the new peak -> the tail grows into what is left (tail_budget_params)
 
-Each decision reads the peak since the previous one; a skipped step (inf/NaN) decides nothing.
+Each decision reads the peak since the previous one; a skipped step (inf/NaN) decides nothing. Every
+count is agreed over the ranks (the smallest; a rank with no host bucket has no say), so all ranks keep the
+same tail and the same blocks, and a checkpoint's one placement is every rank's: each rank runs the same
+all-reduces in the same order whatever it measured.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from heavylift.optim.formats import FORMATS
 from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkpointed, set_checkpointed
 
 log = logging.getLogger("heavylift")
+
+NO_SAY = 2**40  # a rank with nothing to decide (no host bucket) offers this, above any count: it does not veto
 
 
 class AutoPlacement:
@@ -117,20 +122,24 @@ class AutoPlacement:
             self._note(f"gpu_assist {p.gpu_assist:.2f}: CPU {rate / 1e9:.2f} G params/s against the link's "
                        f"{link / 1e9:.1f} GB/s up (a non-speculated post-norm pass {pass_speedup(p.gpu_assist):.2f}x "
                        "shorter)")
-        if self.tail and host and rate > 0:
-            unit_numels: dict[int, int] = {}
-            for b in e.buckets:
-                unit_numels[b.spec.unit] = unit_numels.get(b.spec.unit, 0) + b.spec.numel
-            deadlines = forward_deadlines([b.spec.unit for b in host], unit_numels, max(unit_numels), fwd)
-            need = tail_for_hiding([b.spec.numel for b in host], deadlines, rate)
-            fits = buckets_to_move([b.spec.numel for b in host], int(max(spare, 0) // self.tail_bytes))
-            n = min(need, fits)
-            moved = sum(b.spec.numel for b in host[len(host) - n:])
-            spare -= int(moved * self.tail_bytes)
-            e.grow_tail(n)
-            self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
-                       f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits {fits})")
-        if self.recompute and spare > 0:
+        if self.tail:
+            need = fits = NO_SAY
+            if host and rate > 0:
+                unit_numels: dict[int, int] = {}
+                for b in e.buckets:
+                    unit_numels[b.spec.unit] = unit_numels.get(b.spec.unit, 0) + b.spec.numel
+                deadlines = forward_deadlines([b.spec.unit for b in host], unit_numels, max(unit_numels), fwd)
+                need = tail_for_hiding([b.spec.numel for b in host], deadlines, rate)
+                fits = buckets_to_move([b.spec.numel for b in host], int(max(spare, 0) // self.tail_bytes))
+            n = self._agreed(min(need, fits), "tail to hide a clipped step")
+            if n != NO_SAY:
+                moved = sum(b.spec.numel for b in host[len(host) - n:])
+                spare -= int(moved * self.tail_bytes)
+                e.grow_tail(n)
+                self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
+                           f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits "
+                           f"{fits}{'' if n == min(need, fits) else f'; {n} agreed over the ranks'})")
+        if self.recompute and self._agreed(int(spare > 0), "activation probe"):
             block = self.blocks[-1]
             set_checkpointed(block, False)
             self.probe = ActivationProbe(block, self.device)
@@ -140,14 +149,15 @@ class AutoPlacement:
 
     def _stage3(self) -> None:
         spare = self._spare()
-        if self.probe is None:
+        if self.probe is None:  # alike on every rank: the probe was agreed
             return
         per_block = self.probe.bytes
         self.probe.remove()
         self.probe = None
         candidates = [b for b in reversed(self.blocks) if checkpointed(b)]
-        n = min(blocks_to_uncheck(spare, per_block), len(candidates))
-        if per_block <= 0 or spare < 0:  # the probe block itself broke the margin: it recomputes again
+        broke = per_block <= 0 or spare < 0  # the probe block itself broke the margin: it recomputes again
+        n = self._agreed(-1 if broke else min(blocks_to_uncheck(spare, per_block), len(candidates)), "kept blocks")
+        if n < 0:
             set_checkpointed(self.blocks[-1], True)
             self._note("probe block checkpointed again: no memory to spare")
             return
@@ -159,12 +169,18 @@ class AutoPlacement:
 
     def _grow_tail_into(self, spare: int, why: str) -> None:
         e = self.engine
-        if not self.tail or spare <= 0:
+        if not self.tail:
             return
-        n = buckets_to_move([b.spec.numel for b in e.buckets[: e.first_tail]], int(spare // self.tail_bytes))
-        if n:
+        host = [b.spec.numel for b in e.buckets[e.first_ram: e.first_tail]]
+        n = self._agreed(buckets_to_move(host, int(max(spare, 0) // self.tail_bytes)) if host else NO_SAY,
+                         "tail into the memory left")
+        if 0 < n != NO_SAY:
             e.grow_tail(n)
             self._note(f"tail +{n} buckets into {why}")
+
+    def _agreed(self, value: int, what: str) -> int:
+        """The smallest ``value`` over the ranks (every rank calls this at the same point; NO_SAY: no say)."""
+        return self.engine._min_over_ranks(value, f"placement all-reduce: {what}")
 
     def _note(self, msg: str) -> None:
         self.log.append(msg)
