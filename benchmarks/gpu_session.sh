@@ -23,6 +23,8 @@
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
 # HEAVYLIFT_COMMIT names the commit (the tree travels without .git). Logs land in $OUT.
+# GPU_MEM=79.0 (bench, llama8b, small) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
+# GPU_CARD=79.6 (largest) plans and tries the largest model for a card of that size.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/out}
@@ -36,7 +38,8 @@ bench)
   mkdir -p "$OUT/r"
   timeout ${BENCH_TIMEOUT:-480} python -m heavylift bench --model qwen3-4b --seq 4096 --mbs 4 --steps 3 \
     --peers-dir .bench/bench --peers "${PEERS:-fsdp2-offload,deepspeed-zero3-offload,deepspeed-superoffload}" \
-    --peer-timeout "${PEER_TIMEOUT:-110}" --budget-s "${BENCH_BUDGET:-0}" --out "$OUT/r" > "$OUT/bench.log" 2>&1
+    --peer-timeout "${PEER_TIMEOUT:-110}" --budget-s "${BENCH_BUDGET:-0}" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} \
+    --out "$OUT/r" > "$OUT/bench.log" 2>&1
   # FLOOR=0 skips the shared floor probe (the stock model's fwd+bwd), when an earlier call on the box has it
   [ "${FLOOR:-1}" = 0 ] || (cd .bench/bench && timeout 100 python floor_probe.py) > "$OUT/floor_probe.log" 2>&1
   tail -25 "$OUT/bench.log"; tail -2 "$OUT/floor_probe.log" 2>/dev/null
@@ -125,21 +128,21 @@ accuracy)
 llama8b)
   mkdir -p "$OUT/r"
   timeout ${L8B_TIMEOUT:-560} python -m heavylift bench --model llama-8b --seq 4096 --mbs 1 --accum 8 --steps 3 \
-    --peers "" --out "$OUT/r" > "$OUT/llama8b.log" 2>&1
+    --peers "" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} --out "$OUT/r" > "$OUT/llama8b.log" 2>&1
   tail -20 "$OUT/llama8b.log"
   ;;
 small)
   # 8K tokens per step: the CPU optimizer bounds it; what the automatic GPU tail buys against no tail
   for ratio in -1 1.0; do
     timeout ${SMALL_TIMEOUT:-270} python -m heavylift.benchmark.step --model qwen3-4b --seq 2048 --mbs 4 --warmup 4 --steps 3 \
-      --ratio $ratio > "$OUT/small-ratio$ratio.jsonl" 2> "$OUT/small-ratio$ratio.err"
+      --ratio $ratio ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} > "$OUT/small-ratio$ratio.jsonl" 2> "$OUT/small-ratio$ratio.err"
     tail -c 700 "$OUT/small-ratio$ratio.jsonl"; echo
   done
   ;;
 largest)
   # one format per call: a 13-25 B try takes minutes (init pins ~110 GiB; 200 s was not enough in session 4)
   timeout 570 python benchmarks/largest_model.py --formats "${FORMATS:-bf16-master-int8}" --try \
-    --timeout "${TRY_TIMEOUT:-540}" --logs "$OUT" > "$OUT/largest.jsonl" 2> "$OUT/largest.err"
+    --timeout "${TRY_TIMEOUT:-540}" ${GPU_CARD:+--gpu-mem-gib $GPU_CARD} --logs "$OUT" > "$OUT/largest.jsonl" 2> "$OUT/largest.err"
   cat "$OUT/largest.jsonl"; tail -5 "$OUT/largest.err"
   ;;
 70b)

@@ -25,7 +25,7 @@ import time
 from heavylift.benchmark.peers import json_records
 from heavylift.benchmark.run import failure_line
 from heavylift.benchmark.step import shape_config
-from heavylift.memory.constants import STATE_FORMATS
+from heavylift.memory.constants import CUDA_CONTEXT_BYTES, STATE_FORMATS
 from heavylift.memory.estimate import estimate
 from heavylift.memory.machine import this_machine
 from heavylift.memory.model import model_shape
@@ -54,6 +54,8 @@ def try_run(a, fmt: str, layers: int) -> dict:
     cmd = [sys.executable, "-m", "heavylift.benchmark.step", "--model", a.base, "--layers", str(layers),
            "--seq", str(a.seq), "--mbs", str(a.mbs), "--accum", str(a.accum), "--warmup", "1", "--steps", "1",
            "--floor", "0", "--state-format", fmt]
+    if a.gpu_mem_gib is not None:  # a smaller card on this one: heavylift may hold what that card leaves past its context
+        cmd += ["--gpu-memory-gib", f"{a.gpu_mem_gib - CUDA_CONTEXT_BYTES / 2**30:.2f}"]
     t = time.perf_counter()
     log = pathlib.Path(a.logs) / f"try-{fmt}-{layers}.log" if a.logs else None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -89,7 +91,8 @@ def main() -> None:
     ap.add_argument("--try", dest="try_", action="store_true", help="train the largest that fits for two steps")
     ap.add_argument("--timeout", type=int, default=400, help="seconds per try")
     ap.add_argument("--logs", default="", help="a directory for each try's whole output")
-    ap.add_argument("--gpu-mem-gib", type=float, default=None)
+    ap.add_argument("--gpu-mem-gib", type=float, default=None,
+                    help="plan for a card of this many GiB; with --try, train capped at it (engine.gpu_memory_gib)")
     ap.add_argument("--host-mem-gib", type=float, default=None)
     a = ap.parse_args()
     machine = this_machine(a.gpu_mem_gib, a.host_mem_gib)

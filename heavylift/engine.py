@@ -108,6 +108,7 @@ class Engine(InitPlacement):
         self.device = self.env.device
         cfg = self._resolve_dtype(cfg)
         self.config = cfg
+        self._cap_gpu_memory()
         self.state_format = FORMATS[cfg.offload.state_format]
         self.grad_slot = grad_slot.resolve(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype)
         self.dtype = _DTYPES[cfg.precision.dtype]

@@ -28,6 +28,21 @@ log = logging.getLogger("heavylift")
 
 
 class InitPlacement:
+    def card_bytes(self) -> int:
+        """The card's memory as this run may use it: the whole card, or engine.gpu_memory_gib where smaller."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        cap = self.config.gpu_memory_gib
+        return total if cap is None else min(total, int(cap * 2**30))
+
+    def _cap_gpu_memory(self) -> None:
+        """engine.gpu_memory_gib: the caching allocator refuses to hold more than that on this card."""
+        if self.device.type == "cuda" and self.config.gpu_memory_gib is not None:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(self.card_bytes() / total, 1.0), self.device)
+            if self.env.is_main:
+                log.info("GPU memory capped at %.1f of %.1f GiB (engine.gpu_memory_gib)",
+                         self.card_bytes() / 2**30, total / 2**30)
+
     def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
         """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
         CUDA: the buckets of the root unit (embeddings/head, whose gradients arrive last) if their state fits
@@ -38,7 +53,7 @@ class InitPlacement:
         has not run on a GPU yet (session 3)."""
         if self.device.type != "cuda":
             return len(specs)
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        total = self.card_bytes()
         if seq_len is not None and hasattr(model, "config"):
             budget = self._planned_tail_params(model, seq_len, total)
         else:

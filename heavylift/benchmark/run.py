@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-format", default="fp32")
     p.add_argument("--gpu-assist", default="auto",
                    help="offload.gpu_assist for heavylift's run: auto (as heavylift train), or a share (0: off)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="engine.gpu_memory_gib for heavylift's run: plan and allocate as on a card this size "
+                   "(79.0 for an 80 GB card: its 79.6 less the CUDA context); the peers are not capped")
     p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
     p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--peer-timeout", type=int, default=420)
@@ -64,7 +67,8 @@ def step_command(a: argparse.Namespace, gpus: int) -> list[str]:
     """heavylift's step benchmark, under torchrun with ``gpus`` ranks when more than one."""
     return [*launcher(gpus), "-m", "heavylift.benchmark.step", "--model", a.model, "--seq", str(a.seq),
             "--mbs", str(a.mbs), "--accum", str(a.accum), "--clip", str(a.clip), "--steps", str(a.steps),
-            "--state-format", a.state_format, "--gpu-assist", str(a.gpu_assist)]
+            "--state-format", a.state_format, "--gpu-assist", str(a.gpu_assist),
+            *(["--gpu-memory-gib", str(a.gpu_memory_gib)] if a.gpu_memory_gib else [])]
 
 
 def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
@@ -126,7 +130,8 @@ def run(a: argparse.Namespace) -> int:
         by_gpus[n] = steps[0]
     step = by_gpus[gpus]
     case = {"shape": a.model, "seq": a.seq, "micro_batch": a.mbs, "accumulation": a.accum, "clip": a.clip,
-            "state_format": a.state_format, "gpus": gpus}
+            "state_format": a.state_format, "gpus": gpus,
+            **({"gpu_memory_gib": a.gpu_memory_gib} if a.gpu_memory_gib else {})}
     date = datetime.date.today().isoformat()
     card = ceilings["card"]
     stem = f"{date}-{a.model}-s{a.seq}x{a.mbs}-{gpus}x{card.replace(' ', '_')}"

@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu-assist", default="auto",
                     help="comma-separated offload.gpu_assist values (default auto, as heavylift train), one measured "
                     "phase each (after each clip value); auto only first (the placement chooses in the first steps)")
+    ap.add_argument("--gpu-memory-gib", type=float, default=None,
+                    help="engine.gpu_memory_gib: the most GPU memory heavylift may use (a smaller card's plan)")
     ap.add_argument("--loss-chunk-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         ec.offload.nvme_ratio = None if a.nvme_ratio < 0 else a.nvme_ratio
     ec.offload.gpu_assist = "auto" if assists[0] == "auto" else max(assists)
     ec.loss_chunk_tokens = a.loss_chunk_tokens
+    ec.gpu_memory_gib = a.gpu_memory_gib
     ec.compile, ec.recompute = a.compile, a.recompute
     engine = heavylift.initialize(model=model, config=ec, seq_len=a.seq)[0]  # seq: the tail at init, as train
     init_s = time.perf_counter() - t0
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     floor = measure_floor(engine, cfg, a) if a.floor else {"floor_s": None}
     common = {
         "system": "heavylift", "model": a.model, "layers": cfg.num_hidden_layers, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
-        "state_format": a.state_format, "kernel": engine.pipeline.kernel, "nvme_buckets": engine.first_ram,
+        "state_format": a.state_format, "gpu_memory_gib": a.gpu_memory_gib, "kernel": engine.pipeline.kernel, "nvme_buckets": engine.first_ram,
         "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
         "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
         "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),

@@ -139,6 +139,10 @@ class EngineConfig:
     # The causal-LM loss in chunks of this many tokens, never holding fp32 logits for the whole batch
     # (heavylift/models/loss.py); 0 keeps the model's own loss.
     loss_chunk_tokens: int = 8192
+    # The most GPU memory (GiB) this process may use on its card; None: the whole card. The allocator refuses
+    # beyond it (torch.cuda.set_per_process_memory_fraction), and the preflight, the GPU tail and the kept
+    # blocks plan against it: room left for another process, or a smaller card's plan on a larger one.
+    gpu_memory_gib: float | None = None
     # Random initial weights of a model given on the meta device (heavylift train's presets): each FSDP unit
     # is drawn by the model's own initialiser from a seed made of this and the unit's name, so the values do
     # not depend on the world size (they are not those of the same model built eagerly with this seed).
@@ -193,6 +197,8 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
     _check(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", cfg.loss_chunk_tokens, "0 (off) or an integer >= 1")
     b = cfg.batch
+    _check(cfg.gpu_memory_gib is None or cfg.gpu_memory_gib > 0, "gpu_memory_gib", cfg.gpu_memory_gib,
+           "null (the whole card) or a number of GiB > 0")
     _check(b.micro_batch_size >= 1, "batch.micro_batch_size", b.micro_batch_size, "an integer >= 1")
     _check(b.grad_accum >= 1, "batch.grad_accum", b.grad_accum, "an integer >= 1")
     return cfg

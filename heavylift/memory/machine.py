@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
@@ -19,6 +20,17 @@ def mem_available() -> int | None:
 def memlock_limit() -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def capped(machine: Machine, gpu_memory_gib: float | None) -> Machine:
+    """The machine as a run capped at ``gpu_memory_gib`` per card (engine.gpu_memory_gib) sees it: what its
+    tensors may take is the smaller of the card's and the cap."""
+    if gpu_memory_gib is None or machine.gpu_total_bytes is None:
+        return machine
+    card = int(gpu_memory_gib * GiB) + CUDA_CONTEXT_BYTES  # usable = total (or free) less the context
+    free = machine.gpu_free_bytes
+    return dataclasses.replace(machine, gpu_total_bytes=min(machine.gpu_total_bytes, card),
+                               gpu_free_bytes=None if free is None else min(free, card))
 
 
 def disk_free(path: str) -> int | None:

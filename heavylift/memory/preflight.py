@@ -8,7 +8,7 @@ import os
 from heavylift.config.errors import HeavyliftError
 from heavylift.config.schema import assist_wanted
 from heavylift.models.compute_dtype import resolve_dtype
-from heavylift.memory.machine import this_machine
+from heavylift.memory.machine import capped, this_machine
 from heavylift.memory.estimate import estimate
 from heavylift.memory.plan import Machine, Plan, Setup, slot_of
 from heavylift.memory.render import format_line
@@ -62,6 +62,7 @@ def check_train(cfg, machine: Machine | None = None, warn=print) -> Plan | None:
     o = cfg.engine.offload
     if machine is None:
         machine = this_machine(nvme_path=o.nvme_path if o.device == "nvme" else "")
+    machine = capped(machine, cfg.engine.gpu_memory_gib)  # engine.gpu_memory_gib: what the run may use
     if o.device == "nvme" and machine.nvme_free_bytes is None:
         from heavylift.offload.nvme import check_nvme_path
         check_nvme_path(o.nvme_path, 0)

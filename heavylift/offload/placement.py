@@ -47,7 +47,7 @@ class AutoPlacement:
         self.assist = engine.config.offload.gpu_assist == "auto" and engine.pipeline.assisting  # share to choose
         self.device = engine.device
         self.tail_bytes = FORMATS[engine.state_format.tail].state_bytes  # GPU bytes per tail parameter
-        self.total = torch.cuda.get_device_properties(self.device).total_memory
+        self.total = engine.card_bytes()  # the card, or engine.gpu_memory_gib where smaller
         self.stage = 1
         self.probe: ActivationProbe | None = None
         self._fwd = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

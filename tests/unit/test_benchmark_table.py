@@ -89,9 +89,11 @@ def test_peer_timeout_is_cut_to_what_is_left_of_the_bench_budget():
 def test_step_command_runs_one_rank_per_gpu_under_torchrun():
     a = _bench_args("--model", "llama-70b", "--seq", "4096", "--mbs", "1", "--gpus", "1,4")
     tail = ["-m", "heavylift.benchmark.step", "--model", "llama-70b", "--seq", "4096", "--mbs", "1", "--accum", "1",
-            "--clip", "1.0", "--steps", "4", "--state-format", "fp32", "--gpu-assist", "0"]
+            "--clip", "1.0", "--steps", "4", "--state-format", "fp32", "--gpu-assist", "auto"]  # as heavylift train
     assert step_command(a, 1) == [sys.executable, *tail]
     assert step_command(a, 4) == [*TORCHRUN, "4", *tail]  # --seq/--mbs are per GPU: weak scaling
+    capped = _bench_args("--model", "llama-70b", "--seq", "4096", "--mbs", "1", "--gpu-memory-gib", "79.0")
+    assert step_command(capped, 1) == [sys.executable, *tail, "--gpu-memory-gib", "79.0"]  # heavylift's run only
 
 
 def test_peer_command_and_shapes(tmp_path):

@@ -220,6 +220,27 @@ def test_preflight_refuses_on_a_small_machine():
     assert check_train(cfg, machine=big, warn=warnings.append).fits and not any("tight" in w for w in warnings)
 
 
+def test_gpu_memory_cap_plans_a_smaller_card():
+    """engine.gpu_memory_gib: the preflight plans against the cap, not the card (a run that fits the 140 GiB
+    card is refused at 20 GiB, naming it); the cap never adds memory; a cap of 0 is a config error."""
+    from heavylift.config.errors import ConfigError
+    from heavylift.config.schema import validate
+    from heavylift.memory.machine import capped
+
+    cfg = TrainConfig(model="qwen3-4b", seq_len=4096)
+    cfg.engine.batch.micro_batch_size = 4
+    big = Machine(gpu_total_bytes=140 * GiB, gpu_free_bytes=139 * GiB, host_available_bytes=500 * GiB, has_cuda=True)
+    assert check_train(cfg, machine=big, warn=lambda _: None).fits
+    cfg.engine.gpu_memory_gib = 20.0
+    with pytest.raises(HeavyliftError, match=r"GPU: peak .* against 20\.0 GiB usable"):
+        check_train(cfg, machine=big)
+    assert capped(big, 20.0).gpu_usable == 20 * GiB and capped(big, None) is big
+    assert capped(big, 500.0).gpu_usable == big.gpu_usable  # a cap above the card changes nothing
+    cfg.engine.gpu_memory_gib = 0.0
+    with pytest.raises(ConfigError, match="gpu_memory_gib"):
+        validate(cfg.engine)
+
+
 def test_preflight_warns_when_tight(bench_shape):
     cfg = TrainConfig(model="qwen3-4b", seq_len=4096)
     cfg.engine.batch.micro_batch_size = 4
