@@ -42,10 +42,16 @@ def suggest(shape: ModelShape, setup: Setup, machine: Machine, p: Plan) -> list[
             out.append("turn activation checkpointing on (engine.activation_checkpointing true)")
         if p.tail_params and ok("gpu", tail_ratio=0.0):
             out.append("keep no optimizer state on the GPU (engine.offload.ratio 1.0)")
-        for mbs in range(setup.mbs - 1, 0, -1):
-            if ok("gpu", mbs=mbs):
-                out.append(f"micro-batch {mbs} (engine.batch.micro_batch_size; raise grad_accum to keep the batch)")
-                break
+        smaller = range(setup.mbs - 1, 0, -1)
+        accum_for = {m: -(-setup.mbs * setup.accum // m) for m in smaller}  # as many tokens per step (or a few more)
+        # re-planned with that accumulation: it keeps the sharded bf16 gradients on the card (2 B/param)
+        kept = next((m for m in smaller if ok("gpu", mbs=m, accum=accum_for[m])), None)
+        if kept is not None:
+            out.append(f"micro-batch {kept} with grad_accum {accum_for[kept]} (engine.batch.micro_batch_size, "
+                       "engine.batch.grad_accum: as many tokens per step)")
+        elif (fewer := next((m for m in smaller if ok("gpu", mbs=m, accum=setup.accum)), None)) is not None:
+            out.append(f"micro-batch {fewer} (engine.batch.micro_batch_size: fewer tokens per step; raising "
+                       f"grad_accum to {accum_for[fewer]} keeps the sharded gradients on the card and does not fit)")
         seq = setup.seq // 2
         while seq >= 128:
             if ok("gpu", seq=seq):

@@ -371,6 +371,27 @@ def test_accumulation_keeps_the_sharded_gradients_on_the_card(bench_shape):
     assert two.gpu["accumulated gradients (bf16 shards, accum > 1)"] == 2 * bench_shape.params
 
 
+def test_smaller_micro_batch_suggestion_counts_the_accumulated_gradients(bench_shape):
+    """The "smaller micro-batch" suggestion keeps the tokens per step with grad_accum only where the plan with
+    that accumulation (its 2 B/param of gradients on the card) still fits; otherwise it says the step shrinks."""
+    import re
+
+    def micro(gib):
+        m = Machine(gpu_total_bytes=int((gib + 0.6) * GiB), host_available_bytes=500 * GiB, has_cuda=True)
+        p = estimate(bench_shape, Setup(seq=4096, mbs=4, tail_ratio=0.0), m)
+        assert p.verdicts["gpu"] == "no"
+        (line,) = [x for x in p.suggestions if x.startswith("micro-batch")]
+        return line, m
+
+    line, m = micro(26)
+    mbs, accum = map(int, re.match(r"micro-batch (\d+) with grad_accum (\d+)", line).groups())
+    assert mbs * accum >= 4 and accum > 1
+    assert estimate(bench_shape, Setup(seq=4096, mbs=mbs, accum=accum, tail_ratio=0.0), m).verdicts["gpu"] != "no"
+    line, m = micro(22)  # micro-batch 1 fits, but not with the 4 micro-batches' gradients kept
+    assert line.startswith("micro-batch 1 (") and "fewer tokens per step" in line
+    assert estimate(bench_shape, Setup(seq=4096, mbs=1, accum=4, tail_ratio=0.0), m).verdicts["gpu"] == "no"
+
+
 def test_init_tail_is_what_the_card_holds_beyond_the_planned_peak(bench_shape):
     from heavylift.memory.plan import init_tail_params
     s = Setup(seq=4096, mbs=4, loss_chunk_tokens=0)
