@@ -23,8 +23,8 @@
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
 # HEAVYLIFT_COMMIT names the commit (the tree travels without .git). Logs land in $OUT.
-# GPU_MEM=79.0 (bench, llama8b, small) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
-# GPU_CARD=79.6 (largest) plans and tries the largest model for a card of that size.
+# GPU_MEM=78.5 (bench, llama8b, small) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
+# GPU_CARD=79.1 (largest; an 80 GB card as torch reports it) plans and tries the largest model for a card of that size.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/out}

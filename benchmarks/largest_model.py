@@ -26,14 +26,14 @@ from heavylift.benchmark.peers import json_records
 from heavylift.benchmark.run import failure_line
 from heavylift.benchmark.step import shape_config
 from heavylift.memory.constants import CUDA_CONTEXT_BYTES, STATE_FORMATS
-from heavylift.memory.estimate import estimate
 from heavylift.memory.machine import this_machine
 from heavylift.memory.model import model_shape
 from heavylift.memory.plan import Setup
+from heavylift.memory.preflight import estimate_assisted
 
 
 def plans_fit(base: str, layers: int, setup: Setup, machine) -> tuple[bool, object]:
-    p = estimate(model_shape(shape_config(base, layers)), setup, machine)
+    p = estimate_assisted(model_shape(shape_config(base, layers)), setup, machine, auto=True)  # as the try runs
     return p.fits and "tight" not in p.verdicts.values(), p
 
 
@@ -54,7 +54,7 @@ def try_run(a, fmt: str, layers: int) -> dict:
     cmd = [sys.executable, "-m", "heavylift.benchmark.step", "--model", a.base, "--layers", str(layers),
            "--seq", str(a.seq), "--mbs", str(a.mbs), "--accum", str(a.accum), "--warmup", "1", "--steps", "1",
            "--floor", "0", "--state-format", fmt]
-    if a.gpu_mem_gib is not None:  # a smaller card on this one: heavylift may hold what that card leaves past its context
+    if a.gpu_mem_gib is not None:  # a smaller card on this one: heavylift holds what it leaves past its context
         cmd += ["--gpu-memory-gib", f"{a.gpu_mem_gib - CUDA_CONTEXT_BYTES / 2**30:.2f}"]
     t = time.perf_counter()
     log = pathlib.Path(a.logs) / f"try-{fmt}-{layers}.log" if a.logs else None
@@ -96,7 +96,9 @@ def main() -> None:
     ap.add_argument("--host-mem-gib", type=float, default=None)
     a = ap.parse_args()
     machine = this_machine(a.gpu_mem_gib, a.host_mem_gib)
-    setup = Setup(seq=a.seq, mbs=a.mbs, accum=a.accum, compiled=machine.has_cuda, pin=machine.has_cuda)
+    # gpu_assist auto, the default the try runs with: on a GPU every host state buffer is pinned
+    setup = Setup(seq=a.seq, mbs=a.mbs, accum=a.accum, compiled=machine.has_cuda, pin=machine.has_cuda,
+                  gpu_assist=float(machine.has_cuda))
     for fmt in a.formats.split(","):
         s = dataclasses.replace(setup, state_format=fmt)
         layers, p = largest_layers(a.base, s, machine)

@@ -15,7 +15,7 @@ from torch import nn
 
 from heavylift.config.schema import assist_wanted
 from heavylift.dist.guard import guarded
-from heavylift.memory.constants import HOST_FIT_FRACTION
+from heavylift.memory.constants import CUDA_CONTEXT_BYTES, HOST_FIT_FRACTION
 from heavylift.memory.machine import memlock_limit
 from heavylift.offload.assist_share import auto_assist_pinnable
 from heavylift.offload.buckets import BucketSpec
@@ -29,19 +29,22 @@ log = logging.getLogger("heavylift")
 
 class InitPlacement:
     def card_bytes(self) -> int:
-        """The card's memory as this run may use it: the whole card, or engine.gpu_memory_gib where smaller."""
+        """The card as this run may use it, counted as a card's total is (its CUDA context included): the
+        whole card, or engine.gpu_memory_gib of allocator memory plus the context where that is smaller (as
+        memory/machine.py capped plans it)."""
         total = torch.cuda.get_device_properties(self.device).total_memory
         cap = self.config.gpu_memory_gib
-        return total if cap is None else min(total, int(cap * 2**30))
+        return total if cap is None else min(total, int(cap * 2**30) + CUDA_CONTEXT_BYTES)
 
     def _cap_gpu_memory(self) -> None:
         """engine.gpu_memory_gib: the caching allocator refuses to hold more than that on this card."""
-        if self.device.type == "cuda" and self.config.gpu_memory_gib is not None:
+        cap = self.config.gpu_memory_gib
+        if self.device.type == "cuda" and cap is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(self.card_bytes() / total, 1.0), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(cap * 2**30 / total, 1.0), self.device)
             if self.env.is_main:
-                log.info("GPU memory capped at %.1f of %.1f GiB (engine.gpu_memory_gib)",
-                         self.card_bytes() / 2**30, total / 2**30)
+                log.info("GPU memory capped at %.1f GiB of the card's %.1f (engine.gpu_memory_gib)",
+                         min(cap * 2**30, total) / 2**30, total / 2**30)
 
     def _auto_first_tail(self, specs: list[BucketSpec], model: nn.Module, seq_len: int | None) -> int:
         """First GPU-tail bucket when offload.ratio is unset. On CPU: none (all state in the host store). On
@@ -62,7 +65,9 @@ class InitPlacement:
             root = max(s.unit for s in specs)
             budget = root_tail_params(sum(s.numel for s in specs if s.unit == root),
                                       FORMATS[self.state_format.tail].state_bytes, total)
-        return len(specs) - buckets_to_move([s.numel for s in specs], budget)
+        # the same count on every rank (shards, hence buckets, may differ a little): the smallest any rank fits
+        moved = buckets_to_move([s.numel for s in specs], budget)
+        return len(specs) - self._min_over_ranks(moved, "init tail all-reduce")
 
     def _planned_tail_params(self, model: nn.Module, seq_len: int, gpu_total_bytes: int) -> int:
         from heavylift.memory.model import shape_of_model
@@ -78,10 +83,12 @@ class InitPlacement:
         ``offload.nvme_ratio`` of the host parameters, or as few as leave the rest fitting in RAM. Every rank
         decides from the smallest MemAvailable any rank sees, so all ranks split alike."""
         o = self.config.offload
-        if o.device != "nvme" or not host_specs:
+        if o.device != "nvme":
             return 0
         local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-        avail = None if o.nvme_ratio is not None else self._min_over_ranks(mem_available_bytes())
+        avail = None if o.nvme_ratio is not None else self._min_over_ranks(mem_available_bytes())  # every rank joins
+        if not host_specs:
+            return 0
         return nvme_split([s.numel for s in host_specs], self.state_format, o.nvme_ratio, avail, local,
                           o.nvme_buffers, grad_slot.slot_bytes(self.grad_slot))
 
@@ -118,9 +125,11 @@ class InitPlacement:
             assist = bool(self._min_over_ranks(int(auto_assist_pinnable(int(pinned_all), pin, memlock_limit())),
                                                "gpu_assist auto pinning all-reduce"))
             if not assist and self.env.is_main:
-                log.warning("offload.gpu_assist auto turned off: it pins every host state buffer (%.1f GiB per "
-                            "rank) and `ulimit -l` allows %.1f GiB (raise it to let clipped steps share the "
-                            "CPU's pass with the GPU)", pinned_all / 2**30, (memlock_limit() or 0) / 2**30)
+                limit = memlock_limit()
+                log.warning("offload.gpu_assist auto turned off: it pins every host state buffer (%.1f GiB on "
+                            "rank 0) and `ulimit -l` on some rank cannot hold that (rank 0's: %s); raise it to "
+                            "let clipped steps share the CPU's pass with the GPU", pinned_all / 2**30,
+                            "unlimited" if limit is None else f"{limit / 2**30:.2f} GiB")
         check_host_memory(int(n * (state + back if speculate else state) + n_nvme * slot + ring),
                           int(pinned_all if assist else pinned), pin, ranks_per_node=local, available=avail)
         return speculate, assist

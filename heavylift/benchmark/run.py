@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offload.gpu_assist for heavylift's run: auto (as heavylift train), or a share (0: off)")
     p.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="engine.gpu_memory_gib for heavylift's run: plan and allocate as on a card this size "
-                   "(79.0 for an 80 GB card: its 79.6 less the CUDA context); the peers are not capped")
+                   "(78.5 for an 80 GB card: the ~79.1 GiB torch reports, less the CUDA context); "
+                   "the peers are not capped")
     p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
     p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--peer-timeout", type=int, default=420)

@@ -89,7 +89,9 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
             norms.append(engine.last_step.grad_norm)
             retries += torch.cuda.memory_stats().get("num_alloc_retries", 0) - r0
     engine.pipeline.wait_all()
-    return {"clip": clip, "gpu_assist": assist, "assist_share": engine.pipeline.gpu_assist,
+    assisting = engine.pipeline.assisting  # auto turns the assist off where ulimit -l cannot pin its state
+    return {"clip": clip, "gpu_assist": assist, "assist_share": engine.pipeline.gpu_assist if assisting else 0.0,
+            "assisting": assisting,
             "step_s": statistics.median(times),
             "step_times": [round(x, 3) for x in times],
             "forward_wait_s": statistics.median(waits), "grad_norms": norms, "alloc_retries": retries,

@@ -17,9 +17,9 @@ takes whatever is left (state on the GPU never costs GPU time worth speaking of)
     step 4   measured: the new peak -> the tail grows into what is left (tail_budget_params)
 
 Each decision reads the peak since the previous one; a skipped step (inf/NaN) decides nothing. Every
-count is agreed over the ranks (the smallest; a rank with no host bucket has no say), so all ranks keep the
-same tail and the same blocks, and a checkpoint's one placement is every rank's: each rank runs the same
-all-reduces in the same order whatever it measured.
+count is agreed over the ranks (what memory fits: the smallest; what hiding needs: the largest; a rank with
+no host bucket has no say), so all ranks keep the same tail and the same blocks and a checkpoint's one
+placement is every rank's: each rank runs the same all-reduces in the same order whatever it measured.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkp
 
 log = logging.getLogger("heavylift")
 
-NO_SAY = 2**40  # a rank with nothing to decide (no host bucket) offers this, above any count: it does not veto
+NO_SAY = 2**40  # a rank with nothing to decide (no host bucket) offers this to a smallest-count: it does not veto
 
 
 class AutoPlacement:
@@ -123,22 +123,28 @@ class AutoPlacement:
                        f"{link / 1e9:.1f} GB/s up (a non-speculated post-norm pass {pass_speedup(p.gpu_assist):.2f}x "
                        "shorter)")
         if self.tail:
-            need = fits = NO_SAY
-            if host and rate > 0:
+            has_say = bool(host) and rate > 0
+            need = fits = 0
+            if has_say:
                 unit_numels: dict[int, int] = {}
                 for b in e.buckets:
                     unit_numels[b.spec.unit] = unit_numels.get(b.spec.unit, 0) + b.spec.numel
                 deadlines = forward_deadlines([b.spec.unit for b in host], unit_numels, max(unit_numels), fwd)
                 need = tail_for_hiding([b.spec.numel for b in host], deadlines, rate)
                 fits = buckets_to_move([b.spec.numel for b in host], int(max(spare, 0) // self.tail_bytes))
-            n = self._agreed(min(need, fits), "tail to hide a clipped step")
-            if n != NO_SAY:
-                moved = sum(b.spec.numel for b in host[len(host) - n:])
+            # the steps are synchronous: the rank slowest to hide sets everyone's wait (the largest need), and
+            # no rank may run out of memory (the smallest fit); a rank with no say offers -1 and NO_SAY
+            need = -self._agreed(-need if has_say else 1, "tail to hide a clipped step (need)")
+            fits = self._agreed(fits if has_say else NO_SAY, "tail to hide a clipped step (fits)")
+            if need >= 0:
+                n = min(need, fits)
+                moved = sum(b.spec.numel for b in host[max(len(host) - n, 0):])
                 spare -= int(moved * self.tail_bytes)
                 e.grow_tail(n)
+                over = " over the ranks" if e.env.world_size > 1 else ""
                 self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
                            f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits "
-                           f"{fits}{'' if n == min(need, fits) else f'; {n} agreed over the ranks'})")
+                           f"{fits}{over})")
         if self.recompute and self._agreed(int(spare > 0), "activation probe"):
             block = self.blocks[-1]
             set_checkpointed(block, False)

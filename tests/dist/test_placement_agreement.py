@@ -76,6 +76,23 @@ def _worker(rank, world, port, out, tests_dir):
     p._spare = lambda: [5 * GIB, -1][rank]
     p._stage3()
     results["broke"] = [not b.gradient_checkpointing for b in blocks]
+    # the tail to hide a clipped step (stage 2): rank 0's CPU is slow (it needs more tail), rank 1's memory
+    # is short (it fits less): all grow min(the largest need, the smallest fit); the assist and probe are off
+    from heavylift.offload.tail import buckets_to_move, forward_deadlines, tail_for_hiding
+
+    # bucket 0 arrives first (the last block, unit 6); bucket 7 last (the root unit 7, embeddings)
+    numels, units = [2**20] * 8, [6, 5, 4, 3, 2, 1, 0, 7]
+    rate, spare = [1e7, 4e7][rank], [8, 3][rank] * 2**20 * 16  # needs 7 and 2; fits 8 and 3
+    e = _engine(rank, world, numels)
+    for b, u in zip(e.buckets, units):
+        b.spec.unit = u
+    e.pipeline = types.SimpleNamespace(cpu_params=rate, cpu_seconds=1.0)
+    p = _placement(e, [])
+    p.assist, p.recompute, p._spare, p._forward_s, p._note = False, False, lambda: spare, lambda: 0.2, lambda _: None
+    p._stage2()
+    deadlines = forward_deadlines(units, dict(zip(units, numels)), 7, 0.2)
+    results["stage2"] = {"grown": e.grown, "need": tail_for_hiding(numels, deadlines, rate),
+                         "fits": buckets_to_move(numels, spare // 16)}
     publish(results, out)
 
 
@@ -85,3 +102,6 @@ def test_placement_counts_are_agreed_over_ranks(tmp_path):
     assert r0["tail_no_say"] == [2] and r1["tail_no_say"] == [0]  # rank 1 did not veto rank 0's 2
     assert r0["kept"] == r1["kept"] == [False, False, False, True, True, True]  # probe block + the smaller 2
     assert r0["broke"] == r1["broke"] == [False, False, False]
+    need, fits = max(r["stage2"]["need"] for r in (r0, r1)), min(r["stage2"]["fits"] for r in (r0, r1))
+    assert r0["stage2"]["need"] != r1["stage2"]["need"] and r0["stage2"]["fits"] != r1["stage2"]["fits"]
+    assert r0["stage2"]["grown"] == r1["stage2"]["grown"] == [min(need, fits)] == [3]  # not min(2, 3) = 2
