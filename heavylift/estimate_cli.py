@@ -21,6 +21,7 @@ unless ``--nvme-gbs`` states it. ``--nvme-free-gib`` describes another machine's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from heavylift.config.errors import HeavyliftError
 from heavylift.memory.constants import STATE_FORMATS
@@ -103,7 +104,7 @@ def run(argv: list[str]) -> int:
                   load_bytes=4 if a.model == "default" else 0,  # as heavylift train loads it
                   offload_device="nvme" if a.nvme or a.nvme_free_gib is not None else "cpu",
                   nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers,
-                  gpu_assist=1.0 if a.gpu_assist == "auto" else a.gpu_assist)  # auto: on for the formats the GPU steps
+                  gpu_assist=1.0 if a.gpu_assist == "auto" else a.gpu_assist)  # auto: on where a GPU steps the format
     from heavylift.memory import check_setup
     check_setup(setup)  # bad numbers fail before the model is read or anything is probed
     if a.nvme:
@@ -116,6 +117,8 @@ def run(argv: list[str]) -> int:
     machine = this_machine(a.gpu_mem_gib, a.host_mem_gib, nvme_path=a.nvme, nvme_free_gib=a.nvme_free_gib)
     rates = probe_rates(a.gpu_tflops, a.cpu_params_per_s, a.link_gbs, nvme_gbs=a.nvme_gbs,
                         nvme_path=a.nvme if setup.offload_device == "nvme" else "")
+    if a.gpu_assist == "auto" and not (machine.has_cuda or a.gpu_mem_gib is not None):
+        setup = dataclasses.replace(setup, gpu_assist=0.0)  # a CPU run (no card here, none described): auto is off
     p = estimate_assisted(a.model, setup, machine, rates, auto=a.gpu_assist == "auto")
     print(render(p, machine, rates))
     return 0

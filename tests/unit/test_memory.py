@@ -648,3 +648,19 @@ def test_compiled_blocks_keep_less_than_eager_ones(bench_shape):
     assert setup_for_train(cfg, cuda=True).compiled and not setup_for_train(cfg, cuda=False).compiled
     cfg.engine.compile = "off"
     assert not setup_for_train(cfg, cuda=True).compiled
+
+
+def test_estimate_plans_the_default_assist_only_for_a_gpu_run(capsys):
+    """`heavylift estimate`'s --gpu-assist defaults to auto, as heavylift train: planned on (every host state
+    buffer pinned) for a card described or present, off for a CPU run, off when set to 0."""
+    import torch
+
+    def host_rows(*args):
+        assert main(["estimate", "--model", "tiny", "--gpu-tflops", "100", "--cpu-params-per-s", "1e9",
+                     "--link-gbs", "10", *args]) == 0
+        return capsys.readouterr().out
+
+    assert "all pinned for gpu_assist" in host_rows("--gpu-mem-gib", "80")
+    assert "all pinned for gpu_assist" not in host_rows("--gpu-mem-gib", "80", "--gpu-assist", "0")
+    if not torch.cuda.is_available():
+        assert "master + grad slot" in host_rows()  # no card here and none described: a CPU run
