@@ -398,6 +398,12 @@ class Engine(InitPlacement):
         return {"tail_buckets": len(self.buckets) - self.first_tail,
                 "recomputing": [checkpointed(b) for b in self.blocks], "gpu_assist": self.pipeline.gpu_assist}
 
+    def settle_placement(self) -> None:
+        """Stop adapting the placement (a checkpoint is being taken: a run resumed from it cannot replay
+        the measurements that would move it later)."""
+        if self.placement is not None:
+            self.placement.settle()
+
     def restore_placement(self, state: dict | None) -> None:
         """Apply a checkpoint's placement (same rank count) and stop adapting: the resumed run steps
         exactly as the saved one did."""

@@ -48,6 +48,10 @@ def save(engine, directory: str | os.PathLike, tag: str, extra: dict | None = No
     main = rank == 0
     tmp, final = directory / f"{paths.TMP_PREFIX}{tag}", directory / tag
     engine.pipeline.wait_all()  # the CPU worker may still be writing the last step's state
+    # The measured placement stops adapting here, in this run as in any resumed from this checkpoint: both
+    # then step with the split it records, which bit-identical continuation needs (a checkpoint after the
+    # first few steps finds it settled already).
+    engine.settle_placement()
     state = tensor_state(engine)
     if main:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -59,7 +59,7 @@ class AutoPlacement:
         return self.stage <= 4 and (self.tail or self.recompute or self.assist)
 
     def settle(self) -> None:
-        """Decide nothing more (a resumed run keeps its checkpoint's placement)."""
+        """Decide nothing more: a checkpoint was taken (the runs resumed from it keep its placement) or restored."""
         if self.probe is not None:
             self.probe.remove()
             self.probe = None

@@ -168,3 +168,16 @@ def test_resume_keeps_the_placement_the_run_had(tmp_path):
     for i, (a, b) in enumerate(zip(got, ref)):
         assert torch.equal(a, b), f"state tensor {i} differs"
     resumed.close()
+
+
+def test_saving_settles_the_placement(tmp_path):
+    """A run resumed from a checkpoint cannot replay the measurements that would move the placement later,
+    so the saving run stops adapting too (the placement itself needs a GPU: a stand-in records the call)."""
+    engine = new_engine()
+    train(engine, range(1))
+    settled = []
+    engine.placement = type("Adapting", (), {"settle": lambda self: settled.append(engine.global_step)})()
+    save(engine, tmp_path, "step-1")
+    assert settled == [1]
+    engine.placement = None
+    engine.close()
