@@ -17,12 +17,16 @@ log = logging.getLogger("heavylift")
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
 
 
-def pinned_zeros(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A zeroed CPU tensor whose pages are locked for DMA (falls back to torch's pinned allocator)."""
+def pinned_zeros(n: int, dtype: torch.dtype = torch.float32, fallback: bool = True) -> torch.Tensor:
+    """A zeroed CPU tensor whose pages are locked for DMA. Where the driver refuses: torch's pinned allocator
+    (up to twice the bytes), or with ``fallback`` off the pageable tensor as it is (a buffer pinned only for
+    speed, which must not cost that RAM: the GPU assist's moments)."""
     t = torch.zeros(n, dtype=dtype)
     if n == 0:
         return t
     if not register(t):
+        if not fallback:
+            return t
         log.warning("cudaHostRegister failed; using torch's pinned allocator")
         return torch.zeros(n, dtype=dtype, pin_memory=True)
     return t

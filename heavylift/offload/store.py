@@ -106,9 +106,9 @@ def allocate_bucket(
         fmt = FORMATS[fmt.tail]
     sizes = flat_sizes(shapes)
 
-    def buf(per_block: bool, dtype: torch.dtype, pinned: bool = False) -> Tensor:
+    def buf(per_block: bool, dtype: torch.dtype, pinned: bool = False, fallback: bool = True) -> Tensor:
         if pinned and on_host:
-            return pinned_zeros(sizes[per_block], dtype)
+            return pinned_zeros(sizes[per_block], dtype, fallback)
         return torch.zeros(sizes[per_block], dtype=dtype, device=state_device)
 
     # "": the state; "snap_": its copy before a speculative step (torch kernel); "back_": the second set a
@@ -118,7 +118,9 @@ def allocate_bucket(
     prefixes = [] if nvme else [""] + ["snap_"] * (snapshot and on_host) + ["back_"] * (double_buffer and on_host)
     # pinned: what crosses the link (the master, the gradient slot); every state buffer with ``pin_all``
     # (offload.gpu_assist sends a host bucket's whole state up and back)
-    flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and (b.link or pin_all) and prefix != "snap_")
+    # (a buffer pinned for the assist alone stays pageable where the driver refuses to lock it: slower copies,
+    # not torch's pinned allocator's power-of-two rounding)
+    flats = {prefix + b.kind: buf(b.per_block, b.dtype, pin and (b.link or pin_all) and prefix != "snap_", b.link)
              for prefix in prefixes for b in fmt.buffers}
     flats["grad"] = buf(False, grad_dtype if on_host else torch.float32, pin)
     bucket = BucketState(spec, state_device, fmt, tail=tail, nvme=nvme, flats=flats)

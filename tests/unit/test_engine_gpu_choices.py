@@ -75,3 +75,27 @@ def test_gpu_memory_cap_sets_the_allocator_fraction_and_the_card_size(monkeypatc
     assert e.card_bytes() == total
     InitPlacement._cap_gpu_memory(e)
     assert fractions[-1] == 1.0
+
+
+def test_a_buffer_pinned_for_the_assist_alone_stays_pageable_where_the_driver_refuses(monkeypatch):
+    """Where cudaHostRegister is refused, the link buffers (master, gradient slot) fall back to torch's pinned
+    allocator as before, but the moments, pinned only for the assist, stay pageable rather than take its
+    power-of-two rounding of host RAM."""
+    import heavylift.offload.pinned as pinned
+    from heavylift.offload.buckets import BucketSpec, ParamSpec
+    from heavylift.offload.store import allocate_bucket
+
+    asked = []
+    monkeypatch.setattr(pinned, "register", lambda t: False)  # the driver refuses
+    real_zeros = torch.zeros
+
+    def zeros(*a, pin_memory=False, **k):
+        asked.append(pin_memory)
+        return real_zeros(*a, **k)  # this CPU build cannot pin: record the request instead
+
+    monkeypatch.setattr(pinned.torch, "zeros", zeros)
+    spec = BucketSpec(0, 0, (ParamSpec("w", 12, 0),))
+    allocate_bucket(spec, [torch.Size([3, 4])], torch.device("cpu"), pin=True, snapshot=False, pin_all=True)
+    # fp32: the master and the gradient slot (link buffers) asked torch's pinned allocator; exp_avg and
+    # exp_avg_sq, refused too, did not
+    assert asked.count(True) == 2
