@@ -15,8 +15,8 @@ from torch import nn
 
 from heavylift.config.schema import assist_wanted
 from heavylift.dist.guard import guarded
-from heavylift.memory.constants import CUDA_CONTEXT_BYTES, HOST_FIT_FRACTION
-from heavylift.memory.machine import memlock_limit
+from heavylift.memory.constants import HOST_FIT_FRACTION
+from heavylift.memory.machine import capped_card_bytes, memlock_limit
 from heavylift.offload.assist_share import auto_assist_pinnable
 from heavylift.offload.buckets import BucketSpec
 from heavylift.offload.preflight import check_host_memory, mem_available_bytes, nvme_split
@@ -33,8 +33,7 @@ class InitPlacement:
         whole card, or engine.gpu_memory_gib of allocator memory plus the context where that is smaller (as
         memory/machine.py capped plans it)."""
         total = torch.cuda.get_device_properties(self.device).total_memory
-        cap = self.config.gpu_memory_gib
-        return total if cap is None else min(total, int(cap * 2**30) + CUDA_CONTEXT_BYTES)
+        return capped_card_bytes(total, self.config.gpu_memory_gib)
 
     def _cap_gpu_memory(self) -> None:
         """engine.gpu_memory_gib: the caching allocator refuses to hold more than that on this card."""

@@ -79,12 +79,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _share_or_auto(text: str) -> float | str:
-    if text == "auto":
-        return text
+    from heavylift.config.schema import share_or_auto
+
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a share in [0, 1] or auto, not {text!r}") from None
+        return share_or_auto(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(argv: list[str]) -> int:

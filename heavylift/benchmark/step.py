@@ -214,12 +214,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import heavylift
     from heavylift.config import EngineConfig
+    from heavylift.config.schema import share_or_auto
 
     t0 = time.perf_counter()
     model, cfg = build(a.model, a.layers)
     nparams = sum(p.numel() for p in model.parameters())
     clips = [float(c) for c in a.clip.split(",")]
-    assists = [f if f == "auto" else float(f) for f in a.gpu_assist.split(",")]
+    assists = [share_or_auto(f) for f in a.gpu_assist.split(",")]
     if "auto" in assists[1:]:
         raise SystemExit("--gpu-assist: auto may only come first (the placement chooses its share in the first steps)")
     from heavylift.optim.formats import SELF_TAILED

@@ -209,6 +209,16 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def share_or_auto(text: str) -> float | str:
+    """A command line's offload.gpu_assist: "auto" or a number (validate checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"a share in [0, 1] or auto, not {text!r}") from None
+
+
 def assist_wanted(offload: OffloadConfig, cuda: bool) -> bool:
     """Whether the GPU assist runs (its thread, every host state buffer pinned): a share > 0, or "auto" on a
     CUDA device with a state format the GPU steps itself."""

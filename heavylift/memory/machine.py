@@ -22,15 +22,22 @@ def memlock_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def capped_card_bytes(card_bytes: int, gpu_memory_gib: float | None) -> int:
+    """A card's total as a run capped at ``gpu_memory_gib`` of allocator memory (engine.gpu_memory_gib) may use
+    it, counted as a card's total is (its CUDA context included, which usable memory then subtracts)."""
+    if gpu_memory_gib is None:
+        return card_bytes
+    return min(card_bytes, int(gpu_memory_gib * GiB) + CUDA_CONTEXT_BYTES)
+
+
 def capped(machine: Machine, gpu_memory_gib: float | None) -> Machine:
-    """The machine as a run capped at ``gpu_memory_gib`` per card (engine.gpu_memory_gib) sees it: what its
-    tensors may take is the smaller of the card's and the cap."""
+    """The machine as a run capped at ``gpu_memory_gib`` per card sees it: what its tensors may take is the
+    smaller of the card's and the cap (the engine plans with the same rule: capped_card_bytes)."""
     if gpu_memory_gib is None or machine.gpu_total_bytes is None:
         return machine
-    card = int(gpu_memory_gib * GiB) + CUDA_CONTEXT_BYTES  # usable = total (or free) less the context
     free = machine.gpu_free_bytes
-    return dataclasses.replace(machine, gpu_total_bytes=min(machine.gpu_total_bytes, card),
-                               gpu_free_bytes=None if free is None else min(free, card))
+    return dataclasses.replace(machine, gpu_total_bytes=capped_card_bytes(machine.gpu_total_bytes, gpu_memory_gib),
+                               gpu_free_bytes=None if free is None else capped_card_bytes(free, gpu_memory_gib))
 
 
 def disk_free(path: str) -> int | None:
