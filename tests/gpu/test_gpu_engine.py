@@ -101,15 +101,17 @@ def test_bf16_matches_fp32_master_reference(ratio, speculate):
 def test_race_slow_cpu_short_compute(monkeypatch):
     """The CPU optimizer is made 30 ms slower per bucket while compute is tiny: every forward must wait
     for its layer's weights; a missing wait trains on stale weights and drifts from the reference."""
-    import heavylift.offload.pipeline as pl
+    from heavylift.offload.bucket_step import BucketStepper
 
-    real = pl.adamw_step_
+    def slowed(real):
+        def slow(*a, **k):
+            time.sleep(0.03)
+            return real(*a, **k)
+        return slow
 
-    def slow(*a, **k):
-        time.sleep(0.03)
-        return real(*a, **k)
-
-    monkeypatch.setattr(pl, "adamw_step_", slow)
+    # both roads of a host bucket's step: the torch/widened one and the native kernel (speculation's)
+    for name in ("step_slots", "native_step"):
+        monkeypatch.setattr(BucketStepper, name, slowed(getattr(BucketStepper, name)))
     engine = _engine(_model(), 1.0)
     ref = _Reference(_model())
     diff, gaps = _run(engine, ref, steps=10)
