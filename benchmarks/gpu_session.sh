@@ -116,7 +116,8 @@ assist)
     --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-auto,0}" > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
   for f in assist-4b assist-14b; do python -c "import json, sys
 for l in open(sys.argv[1]):
-    r = json.loads(l); print(sys.argv[1][-16:], r['gpu_assist'], r['step_s'], r['forward_wait_s'], r['speculation'], r['floor'])" \
+    r = json.loads(l)
+    if r.get('stage') != 'steps': print(sys.argv[1][-16:], r['gpu_assist'], r['step_s'], r['forward_wait_s'], r['speculation'], r['floor'])" \
     "$OUT/$f.jsonl"; tail -2 "$OUT/$f.err"; done
   ;;
 accuracy)

@@ -72,16 +72,39 @@ def step_command(a: argparse.Namespace, gpus: int) -> list[str]:
             *(["--gpu-memory-gib", str(a.gpu_memory_gib)] if a.gpu_memory_gib else [])]
 
 
-def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _failed(cmd: list[str], proc: subprocess.CompletedProcess) -> HeavyliftError:
     out = proc.stdout + proc.stderr
+    what = " ".join(cmd[cmd.index("-m") + 1:][:1]) if "-m" in cmd else cmd[-1]
+    log = pathlib.Path(tempfile.mkstemp(prefix="heavylift-bench-", suffix=".log")[1])
+    log.write_text(out)
+    return HeavyliftError(f"{what} failed (exit {proc.returncode}): {failure_line(out)[:400]} (its output: {log})")
+
+
+def _json_lines(cmd: list[str], timeout: int) -> tuple[list[dict], str]:
+    proc = _run(cmd, timeout)
     if proc.returncode != 0:
-        what = " ".join(cmd[cmd.index("-m") + 1:][:1]) if "-m" in cmd else cmd[-1]
-        log = pathlib.Path(tempfile.mkstemp(prefix="heavylift-bench-", suffix=".log")[1])
-        log.write_text(out)
-        raise HeavyliftError(f"{what} failed (exit {proc.returncode}): {failure_line(out)[:400]} (its output: {log})")
-    return json_records(proc.stdout), out
+        raise _failed(cmd, proc)
+    return json_records(proc.stdout), proc.stdout + proc.stderr
+
+
+def step_record(proc: subprocess.CompletedProcess, cmd: list[str]) -> tuple[dict, str]:
+    """heavylift's record from its step benchmark: the first phase with its floor measured (stage "final").
+    Where the process died after its timed steps, while measuring the floor's parts (say the host ran out
+    of RAM), the steps' own record (stage "steps") and a note that says so; no record at all is an error."""
+    records = json_records(proc.stdout)
+    final = [r for r in records if r.get("stage", "final") == "final"]
+    if proc.returncode == 0 and final:
+        return final[0], ""
+    steps = [r for r in records if r.get("stage") == "steps"]
+    if not steps:
+        raise _failed(cmd, proc)
+    why = failure_line(proc.stdout + proc.stderr)[:300]
+    return steps[0], f"floor not measured: the step benchmark died after its timed steps (exit {proc.returncode}: {why})"
 
 
 def failure_line(out: str) -> str:
@@ -126,9 +149,11 @@ def run(a: argparse.Namespace) -> int:
     py = sys.executable
     (ceilings,), _ = _json_lines([py, "-m", "heavylift.benchmark.ceilings"], 600)
     by_gpus, raw = {}, {}
+    step_notes = {}
     for n in counts:
-        steps, raw[f"heavylift-{n}gpu"] = _json_lines(step_command(a, n), 1200)
-        by_gpus[n] = steps[0]
+        proc = _run(cmd := step_command(a, n), 1200)
+        raw[f"heavylift-{n}gpu"] = proc.stdout + proc.stderr
+        by_gpus[n], step_notes[n] = step_record(proc, cmd)
     step = by_gpus[gpus]
     case = {"shape": a.model, "seq": a.seq, "micro_batch": a.mbs, "accumulation": a.accum, "clip": a.clip,
             "state_format": a.state_format, "gpus": gpus,
@@ -136,7 +161,7 @@ def run(a: argparse.Namespace) -> int:
     date = datetime.date.today().isoformat()
     card = ceilings["card"]
     stem = f"{date}-{a.model}-s{a.seq}x{a.mbs}-{gpus}x{card.replace(' ', '_')}"
-    peers, notes = {}, {}
+    peers, notes = {}, {"heavylift": step_notes[gpus]}
 
     def write() -> dict:
         # after every part, so that a bench stopped from outside keeps what it measured

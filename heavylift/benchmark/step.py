@@ -216,10 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     from heavylift.config import EngineConfig
     from heavylift.config.schema import share_or_auto
 
-    t0 = time.perf_counter()
-    model, cfg = build(a.model, a.layers)
-    nparams = sum(p.numel() for p in model.parameters())
-    clips = [float(c) for c in a.clip.split(",")]
+    clips = [float(c) for c in a.clip.split(",")]  # the flags first: a bad value fails before the model is built
     assists = [share_or_auto(f) for f in a.gpu_assist.split(",")]
     if "auto" in assists[1:]:
         raise SystemExit("--gpu-assist: auto may only come first (the placement chooses its share in the first steps)")
@@ -227,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     if assists[0] == "auto" and any(assists[1:]) and a.state_format not in SELF_TAILED:
         raise SystemExit(f"--gpu-assist: the GPU does not step {a.state_format} (auto is off for it): give only "
                          f"shares, or a format of {', '.join(SELF_TAILED)}")
+    t0 = time.perf_counter()
+    model, cfg = build(a.model, a.layers)
+    nparams = sum(p.numel() for p in model.parameters())
     ec = EngineConfig()
     ec.precision.dtype = "bf16"
     ec.optim.lr, ec.optim.max_grad_norm, ec.optim.weight_decay = 1e-5, clips[0], 0.0
@@ -254,32 +254,38 @@ def main(argv: list[str] | None = None) -> None:
         if assist == "auto":
             auto_share = engine.pipeline.gpu_assist
         print("phase", json.dumps(phases[-1]), file=sys.stderr, flush=True)
-    floor = measure_floor(engine, cfg, a) if a.floor else {"floor_s": None}
-    common = {
-        "system": "heavylift", "model": a.model, "layers": cfg.num_hidden_layers, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
-        "state_format": a.state_format, "gpu_memory_gib": a.gpu_memory_gib, "kernel": engine.pipeline.kernel, "nvme_buckets": engine.first_ram,
-        "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
-        "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
-        "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
-        "cpu_threads": engine.pipeline.cpu_threads, "init_s": round(init_s, 1),
-        "compile": ec.compile, "recompute": ec.recompute,
-        "blocks_recomputing": sum(checkpointed(b) for b in (engine.placement.blocks if engine.placement else [])),
-        "placement": engine.placement.log if engine.placement else [],
-        "host_rss_now_gib": round(host_rss_bytes() / 2**30, 2),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "floor": {k: None if v is None else round(v, 4) for k, v in floor.items()},
-        "card": torch.cuda.get_device_name(), "torch": torch.__version__,
-    }
     from heavylift.benchmark.table import combine_ranks
 
-    for ph in phases:
-        out = {**common, **ph, "tokens_per_s": round(tokens / ph["step_s"], 1),
-               "tflops": round(flops / ph["step_s"] / 1e12, 1),
-               "step_over_floor": round(ph["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None}
-        lines = _gather(out)
-        if engine.env.rank == 0:
-            print(json.dumps(combine_ranks(lines)), flush=True)
+    def emit(floor: dict, stage: str) -> None:
+        """One JSON line per phase on rank 0. ``stage`` "steps": the timed steps, before the floor is
+        measured (what is left if the floor's own parts kill the process); "final": with the floor."""
+        common = {
+            "system": "heavylift", "model": a.model, "layers": cfg.num_hidden_layers, "params": nparams, "seq": a.seq, "mbs": a.mbs, "accum": a.accum,
+            "state_format": a.state_format, "gpu_memory_gib": a.gpu_memory_gib, "kernel": engine.pipeline.kernel, "nvme_buckets": engine.first_ram,
+            "speculate": bool(a.speculate), "loss_chunk_tokens": a.loss_chunk_tokens,
+            "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
+            "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
+            "cpu_threads": engine.pipeline.cpu_threads, "init_s": round(init_s, 1),
+            "compile": ec.compile, "recompute": ec.recompute,
+            "blocks_recomputing": sum(checkpointed(b) for b in (engine.placement.blocks if engine.placement else [])),
+            "placement": engine.placement.log if engine.placement else [],
+            "host_rss_now_gib": round(host_rss_bytes() / 2**30, 2),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "floor": {k: None if v is None else round(v, 4) for k, v in floor.items()},
+            "card": torch.cuda.get_device_name(), "torch": torch.__version__, "stage": stage,
+        }
+        for ph in phases:
+            out = {**common, **ph, "tokens_per_s": round(tokens / ph["step_s"], 1),
+                   "tflops": round(flops / ph["step_s"] / 1e12, 1),
+                   "step_over_floor": round(ph["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None}
+            lines = _gather(out)
+            if engine.env.rank == 0:
+                print(json.dumps(combine_ranks(lines)), flush=True)
+
+    if a.floor:
+        emit({"floor_s": None}, "steps")
+    emit(measure_floor(engine, cfg, a) if a.floor else {"floor_s": None}, "final")
     engine.close()
     if engine.env.world_size > 1:
         from heavylift.dist.env import shutdown

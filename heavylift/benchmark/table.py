@@ -66,7 +66,7 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
         "case": case, "card": card, "commit": commit, "date": date, "ceilings": ceilings,
         "floor_s": step["floor"]["floor_s"], "floor_parts_s": step["floor"],
         "ceilings_floor": ceilings_floor_s(ceilings, step, tokens, case["gpus"]), "systems": systems,
-        "heavylift": {"step_over_floor": step["step_s"] / step["floor"]["floor_s"],
+        "heavylift": {"step_over_floor": step["step_s"] / floor_s if (floor_s := step["floor"]["floor_s"]) else None,
                       "over_best_peer": step["tokens_per_s"] / max(ran) if ran else None,
                       "forward_wait_s": step["forward_wait_s"], "speculation": step.get("speculation"),
                       "tail_buckets": step["tail_buckets"], "buckets": step["buckets"],
@@ -102,9 +102,10 @@ def markdown(result: dict) -> str:
                      f"{gib[0]} | {gib[1]} |{note}")
     h, f = result["heavylift"], result["floor_parts_s"]
     best = f"{h['over_best_peer']:.2f}x the best peer's tokens/s" if h["over_best_peer"] else "no peer ran"
-    lines += ["", f"heavylift: {best}; step / floor = {h['step_over_floor']:.2f} (floor {result['floor_s']:.3f} s = "
-              f"max(fwd+bwd {f['fwd_bwd_s']:.3f}, CPU optimizer {f['cpu_optimizer_s']:.3f}, link {f['link_s']:.3f}), "
-              f"each measured alone); exposed optimizer wait {h['forward_wait_s']:.3f} s; GPU tail "
+    floor = (f"step / floor = {h['step_over_floor']:.2f} (floor {result['floor_s']:.3f} s = max(fwd+bwd "
+             f"{f['fwd_bwd_s']:.3f}, CPU optimizer {f['cpu_optimizer_s']:.3f}, link {f['link_s']:.3f}), each measured alone)"
+             if result["floor_s"] else "floor not measured")
+    lines += ["", f"heavylift: {best}; {floor}; exposed optimizer wait {h['forward_wait_s']:.3f} s; GPU tail "
               f"{h['tail_buckets']}/{h['buckets']} buckets.",
               f"ceilings floor (matmul rate, kernel rate, duplex link): {result['ceilings_floor']['floor_s']:.3f} s."]
     if h.get("placement"):

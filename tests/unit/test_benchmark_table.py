@@ -157,3 +157,32 @@ def test_a_failed_child_is_reported_by_its_exception_line():
     assert failure_line(torchrun) == "[rank1]: IndexError: list index out of range"
     assert failure_line("torch.OutOfMemoryError: CUDA out of memory.\nbye") == "torch.OutOfMemoryError: CUDA out of memory."
     assert failure_line("no cause here\nlast") == "last" and failure_line("") == "no output"
+
+
+def test_a_step_benchmark_killed_while_measuring_its_floor_keeps_its_timed_steps():
+    """Session 8: the floor's CPU-optimizer probe ran the host out of RAM after the timed steps (exit -9);
+    the bench then had no heavylift row at all. The steps' record now stands, with the floor unmeasured."""
+    import json
+    import subprocess
+
+    import pytest
+
+    from heavylift.benchmark.run import step_record
+    from heavylift.config.errors import HeavyliftError
+
+    cmd = ["python", "-m", "heavylift.benchmark.step"]
+    steps = {**STEP, "floor": {"floor_s": None}, "stage": "steps"}
+    final = {**STEP, "stage": "final"}
+    done = subprocess.CompletedProcess(cmd, 0, json.dumps(steps) + "\n" + json.dumps(final) + "\n", "")
+    assert step_record(done, cmd) == (final, "")
+    older = subprocess.CompletedProcess(cmd, 0, json.dumps(STEP) + "\n", "")  # no stage: a final record
+    assert step_record(older, cmd) == (STEP, "")
+    killed = subprocess.CompletedProcess(cmd, -9, json.dumps(steps) + "\n", "phase {...}\n")
+    record, note = step_record(killed, cmd)
+    assert record == steps and "floor not measured" in note and "exit -9" in note
+    r = assemble(CASE, "NVIDIA H200", "abc", "2026-12-03", CEIL, record, {}, {"heavylift": note})
+    assert r["floor_s"] is None and r["heavylift"]["step_over_floor"] is None
+    md = markdown(r)
+    assert "| heavylift | 1.500 |" in md and "floor not measured" in md and "exit -9" in md
+    with pytest.raises(HeavyliftError, match="exit -9"):  # died before any timed step: nothing to show
+        step_record(subprocess.CompletedProcess(cmd, -9, "", "Killed\n"), cmd)
