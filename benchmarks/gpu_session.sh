@@ -15,6 +15,7 @@
 #                trained on the bundled data in each of FORMATS (3 fit a call: ~2.5 min each), every bucket's
 #                state on the host (ratio 1.0: the host kernels, not the GPU tail's)
 #   PART=llama8b issue 8: the llama-3-8b shape, fp32 state, seq 4096 x 1 x accum 8 (32K tokens per step)
+#   PART=hostacc issue 8: offload.accumulate device vs host, llama-3-8b shape with accum 8 capped as an 80 GB card
 #   PART=small   issue 8: the small-batch case (8K tokens per step) with the automatic tail against none
 #   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
 #                fits on this box (seq 4096 x 2), then two steps of it (benchmarks/largest_model.py --try)
@@ -131,6 +132,19 @@ llama8b)
   timeout ${L8B_TIMEOUT:-560} python -m heavylift bench --model llama-8b --seq 4096 --mbs 1 --accum 8 --steps 3 \
     --peers "" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} --out "$OUT/r" > "$OUT/llama8b.log" 2>&1
   tail -20 "$OUT/llama8b.log"
+  ;;
+hostacc)
+  # offload.accumulate device vs host on the llama-3-8b shape, seq 4096 x 1 x accum 8, as on an 80 GB card:
+  # the host sums give the card back the host buckets' 2 B/param of accumulated gradients (the tail grows)
+  for where in device host; do
+    timeout ${HOSTACC_TIMEOUT:-270} python -m heavylift.benchmark.step --model llama-8b --seq 4096 --mbs 1 --accum 8 \
+      --warmup 4 --steps 2 --accumulate $where --gpu-memory-gib ${GPU_MEM:-78.5} > "$OUT/acc-$where.jsonl" 2> "$OUT/acc-$where.err"
+    python -c "import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r.get('stage') != 'steps': print(r['accumulate'], r['step_s'], r['forward_wait_s'], r['tail_buckets'], r['buckets'], r['peak_gpu_gib'], r['floor'])" \
+      "$OUT/acc-$where.jsonl"; tail -2 "$OUT/acc-$where.err"
+  done
   ;;
 small)
   # 8K tokens per step: the CPU optimizer bounds it; what the automatic GPU tail buys against no tail

@@ -112,6 +112,14 @@ class Engine(InitPlacement):
         self.state_format = FORMATS[cfg.offload.state_format]
         self.grad_slot = grad_slot.resolve(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype)
         self.dtype = _DTYPES[cfg.precision.dtype]
+        if cfg.offload.accumulate == "host" and grad_slot.GRAD_SLOTS[self.grad_slot] != self.dtype:
+            from heavylift.config.errors import HeavyliftError
+
+            raise HeavyliftError(
+                f"offload.accumulate host sums gradients in the host slot, which must hold the compute dtype "
+                f"({cfg.precision.dtype}) for the sums to be FSDP2's; this run's slot is {self.grad_slot}: set "
+                + (f"offload.grad_slot {cfg.precision.dtype} or " if cfg.precision.dtype in grad_slot.GRAD_SLOTS else "")
+                + "offload.accumulate device")
         self.scaler = LossScaler.from_config(cfg.precision)
         self.micro_step = 0
         self.global_step = 0
@@ -230,6 +238,7 @@ class Engine(InitPlacement):
             dist.group.WORLD, speculate, cfg.offload.cpu_threads or auto_cpu_threads(), native=native,
             ring=self.ring, gpu_assist=0.0 if cfg.offload.gpu_assist == "auto" else cfg.offload.gpu_assist,
             assist=assist,  # auto: the placement sets the share
+            host_accumulate=cfg.offload.accumulate == "host",
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
@@ -343,8 +352,7 @@ class Engine(InitPlacement):
             (loss * (self.scaler.scale / self.gradient_accumulation_steps)).backward()
         finally:
             self.pipeline.in_backward = False
-        if boundary:
-            self.pipeline.end_backward()
+        self.pipeline.end_backward()
 
     def step(self) -> None:
         """Count a micro-step; at an accumulation boundary, validate and finish the optimizer step."""

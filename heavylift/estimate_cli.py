@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-slot", default="auto", choices=["auto", "fp32", "bf16"],
                    help="offload.grad_slot: the host gradient slot's dtype (auto: bf16 with bf16 compute or a "
                         "compact format, else fp32)")
+    p.add_argument("--accumulate", default="device", choices=["device", "host"],
+                   help="offload.accumulate: where grad_accum sums the host buckets' micro-batch gradients (host: "
+                        "the card keeps only the GPU tail's)")
     p.add_argument("--loss-chunk-tokens", type=int, default=8192,
                    help="engine.loss_chunk_tokens (0: the model's own fp32-logits loss)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
@@ -100,7 +103,7 @@ def run(argv: list[str]) -> int:
                   activation_checkpointing=not a.no_ac, compiled=not a.no_compile, state_format=a.state_format,
                   speculate=not a.no_speculate, loss_chunk_tokens=a.loss_chunk_tokens,
                   tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2,
-                  compute_dtype=a.dtype, grad_slot=a.grad_slot,
+                  compute_dtype=a.dtype, grad_slot=a.grad_slot, host_accumulate=a.accumulate == "host",
                   load_bytes=4 if a.model == "default" else 0,  # as heavylift train loads it
                   offload_device="nvme" if a.nvme or a.nvme_free_gib is not None else "cpu",
                   nvme_ratio=a.nvme_ratio, nvme_buffers=a.nvme_buffers,

@@ -110,6 +110,14 @@ class OffloadConfig:
     # compact formats; fp32 otherwise. "bf16" with fp32/fp16 compute rounds the gradient to bf16
     # (docs/state-formats.md). Saves 2 host bytes/param and halves the gradient's link traffic.
     grad_slot: Literal["auto", "fp32", "bf16"] = "auto"
+    # Where gradient accumulation (batch.grad_accum > 1) sums a host bucket's micro-batch gradients.
+    # "device": FSDP2 sums them in the sharded .grad on the card (2 B/param with bf16 compute, held all
+    # window). "host": each micro-batch's reduced gradient goes to the host slot as it lands and the card
+    # lets it go; from the second micro-batch on, the slot's partial sum goes up, the GPU adds the new
+    # gradient (FSDP2's addition, in the same dtype and order: training is bitwise that of "device") and
+    # the sum comes back. Costs link traffic each micro-batch (idle then). GPU-tail buckets keep summing on
+    # the card. Needs the slot in the compute dtype (grad_slot auto with bf16 compute, or fp32 with fp32).
+    accumulate: Literal["device", "host"] = "device"
     # Target bucket size in parameters (buckets never split a parameter and never span two FSDP units).
     bucket_params: int = 200_000_000
 
@@ -192,6 +200,7 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.state_format in STATE_FORMATS, "offload.state_format", f.state_format,
            f"{', '.join(STATE_FORMATS[:-1])} or {STATE_FORMATS[-1]}")
     _check(f.grad_slot in ("auto", "fp32", "bf16"), "offload.grad_slot", f.grad_slot, "auto, fp32 or bf16")
+    _check(f.accumulate in ("device", "host"), "offload.accumulate", f.accumulate, "device or host")
     _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
     _check(cfg.recompute in ("auto", "all"), "recompute", cfg.recompute, "auto or all")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")

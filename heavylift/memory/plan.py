@@ -58,6 +58,9 @@ class Setup:
     nvme_buffers: int = 3  # offload.nvme_buffers: buffer sets in the ring, each the size of the largest NVMe bucket
     # offload.gpu_assist > 0: every RAM bucket's state buffers are pinned (offload/assist.py sends them up and back)
     gpu_assist: float = 0.0
+    # offload.accumulate "host": with accum > 1 the host buckets' micro-batch sums live in their host slots
+    # (offload/accumulate.py), so the card keeps only the GPU tail's accumulated gradients
+    host_accumulate: bool = False
 
     @property
     def world(self) -> int:
@@ -296,7 +299,11 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     gathered_block = (2 * db + db + 4) * blk  # weights + prefetched next + bf16 grad + fp32 reduce-scatter input
     staging = 2 * 4 * max((b.numel for b in host_buckets), default=0)
     common = {"weights (bf16 shards)": weights, "GPU-tail optimizer state": tail_state}
-    if setup.accum > 1:  # FSDP2 sums each micro-batch into the sharded .grad until the window's last backward
+    if setup.accum > 1 and setup.host_accumulate:  # the tail sums on the card; a host bucket's partial goes up
+        common["accumulated gradients (GPU-tail shards, accum > 1)"] = db * tail_params
+        common["host accumulation: one bucket's partial sum, uploaded"] = db * max(
+            (b.numel for b in host_buckets), default=0)
+    elif setup.accum > 1:  # FSDP2 sums each micro-batch into the sharded .grad until the window's last backward
         common["accumulated gradients (bf16 shards, accum > 1)"] = db * rank_params
     loss_phase = {**common, "gathered root unit (embeddings/head)": root_gathered,
                   "activations: stored block inputs" if setup.activation_checkpointing else

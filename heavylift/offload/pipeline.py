@@ -47,6 +47,7 @@ from torch import Tensor
 from heavylift.config.errors import HeavyliftError
 from heavylift.dist.cores import current_plan, pin_current_thread
 from heavylift.dist.guard import guarded
+from heavylift.offload.accumulate import HostAccumulator
 from heavylift.offload.assist import MAX_SLOT_PARAMS, GpuAssist, assisted
 from heavylift.offload.bucket_step import BucketStepper
 from heavylift.offload.floor_probes import FloorProbes
@@ -88,6 +89,7 @@ class OffloadPipeline(FloorProbes):
         ring=None,
         gpu_assist: float = 0.0,
         assist: bool = False,  # the assist's thread (config.schema.assist_wanted)
+        host_accumulate: bool = False,  # offload.accumulate host (offload/accumulate.py)
     ):
         self.buckets = buckets
         self._params_of = params_of  # id(param) -> (bucket index, slot index)
@@ -103,6 +105,7 @@ class OffloadPipeline(FloorProbes):
         self.gpu_assist = gpu_assist  # offload.gpu_assist: share of a non-speculative step's host buckets
         self._cuda = device.type == "cuda"
         self._d2h = torch.cuda.Stream(device) if self._cuda else None
+        self._accumulator = HostAccumulator(buckets, device, self._d2h) if host_accumulate else None
         self._h2d = torch.cuda.Stream(device) if self._cuda else None
         self._upload_ev: list[torch.cuda.Event | None] = [None] * len(buckets)
         self._final = [threading.Event() for _ in buckets]
@@ -145,9 +148,12 @@ class OffloadPipeline(FloorProbes):
     @torch.no_grad()
     def on_grad(self, param: Tensor) -> None:
         """Post-accumulate-grad hook of every sharded parameter (fires right after its reduce-scatter)."""
-        if not self.boundary:
-            return  # accumulating: FSDP2 keeps summing into the sharded .grad
         b, i = self._params_of[id(param)]
+        if not self.boundary:
+            if self._accumulator is not None and self.buckets[b].on_host:  # summed in the host slot
+                self._accumulator.take(b, i, local_of(param.grad))
+                param.grad = None
+            return  # otherwise FSDP2 keeps summing into the sharded .grad
         bucket, pend = self.buckets[b], self._pending[b]
         pend.active.append(bucket.slots[i])
         pend.grads.append(local_of(param.grad))
@@ -157,10 +163,17 @@ class OffloadPipeline(FloorProbes):
 
     @torch.no_grad()
     def end_backward(self) -> None:
-        """Dispatch buckets some of whose parameters got no gradient this step."""
+        """After every backward. The window's last: dispatch buckets some of whose parameters got no
+        gradient this step. An earlier one, with host accumulation: send what it holds back."""
+        if not self.boundary:
+            if self._accumulator is not None:
+                self._accumulator.end_micro_batch()
+            return
         for b, pend in enumerate(self._pending):
             if pend.active and not pend.dispatched:
                 self._dispatch(b)
+        if self._accumulator is not None:
+            self._accumulator.end_window()
 
     def _dispatch(self, b: int) -> None:
         bucket, pend = self.buckets[b], self._pending[b]
@@ -174,24 +187,45 @@ class OffloadPipeline(FloorProbes):
         if self._cuda:
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._d2h):
+                kept: list[Tensor] = []  # this micro-batch's own gradients, read by the additions
+                if self._accumulator is not None:  # the window's sum: the slot's partial + this micro-batch's
+                    totals = self._window_totals(b, pend)
+                    kept = [g for g, t in zip(pend.grads, totals) if t is not g]
+                    pend.grads = totals
                 pend.sumsq = sum_of_squares(pend.grads)  # from the device gradients, before any cast
                 # A slot of another dtype (bf16 slot, fp32 compute): cast on the GPU so only the slot's
                 # bytes cross the link; the cast copies stay referenced with the grads until the copy ends.
                 sent = [g if g.dtype == s.grad.dtype else g.to(s.grad.dtype) for s, g in zip(pend.active, pend.grads)]
                 for s, g in zip(pend.active, sent):
                     s.grad.copy_(g, non_blocking=True)
-                pend.grads = pend.grads + [g for g, orig in zip(sent, pend.grads) if g is not orig]
+                pend.grads = pend.grads + [g for g, orig in zip(sent, pend.grads) if g is not orig] + kept
                 self._link_down += sum(g.numel() * g.element_size() for g in sent)
                 host_sumsq = pend.sumsq.to("cpu", non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self._d2h)
         else:
+            if self._accumulator is not None:
+                pend.grads = self._window_totals(b, pend)
             for s, g in zip(pend.active, pend.grads):
                 s.grad.copy_(g)
             pend.sumsq = sum_of_squares(pend.grads)
             host_sumsq, ev = pend.sumsq, None
         grads, pend.grads = pend.grads, []
         self._tasks.put(("land", b, (ev, grads, host_sumsq)))
+
+    @contextlib.contextmanager
+    def without_host_sums(self):
+        """For the benchmark's forward+backward alone: micro-batch gradients are dropped, not summed on the host."""
+        acc, self._accumulator = self._accumulator, None
+        try:
+            yield
+        finally:
+            self._accumulator = acc
+
+    def _window_totals(self, b: int, pend: _Pending) -> list[Tensor]:
+        """Host accumulation: each slot's gradient for the whole window, on the device (the current stream)."""
+        index = {id(s): i for i, s in enumerate(self.buckets[b].slots)}
+        return [self._accumulator.total(b, index[id(s)], s, g) for s, g in zip(pend.active, pend.grads)]
 
     # ---- autograd thread: validation and commit -----------------------------------------------
     @torch.no_grad()
@@ -265,7 +299,8 @@ class OffloadPipeline(FloorProbes):
     def link_bytes(self) -> int:
         """Bytes that crossed the host link both ways so far (gradients down, weights up, and the assist's
         state and gradients both ways)."""
-        return self._link_down + self._link_up + (self._assist.link_bytes if self._assist is not None else 0)
+        return (self._link_down + self._link_up + (self._assist.link_bytes if self._assist is not None else 0)
+                + (self._accumulator.link_bytes if self._accumulator is not None else 0))
 
     @property
     def cpu_threads(self) -> int:

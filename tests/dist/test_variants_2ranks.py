@@ -3,7 +3,8 @@ an unsharded copy and bit for bit against the plain road (trained beside it in t
 reference), with clip, skip and accumulation:
 
 - the NVMe tier (one state file per rank; whole and partial placement) against state in RAM;
-- offload.gpu_assist (the "device" copies are CPU copies here) against the CPU road alone.
+- offload.gpu_assist (the "device" copies are CPU copies here) against the CPU road alone;
+- offload.accumulate host (micro-batch sums in the host slot) against FSDP2's sums on the device.
 
 Session 3 could not assert the RAM equality here: two RAM runs seemed to differ. They did not; the
 harness read the rank count before the first engine joined the group (tests/dist/test_determinism_2ranks.py).
@@ -25,6 +26,8 @@ CASES = [Case("clip_mixed", max_norm=2.0, lr=1e-2, steps=12),
 ASSIST_CASES = [Case("assist_clip_always", max_norm=0.05, speculate=False, bucket_params=3000, steps=5),
                 Case("assist_accum2_nan_skip", max_norm=1.0, speculate=False, grad_accum=2, bucket_params=3000,
                      nan_step=2, steps=4)]
+HOST_SUM_CASES = [Case("host_accum3_tail_nan_clip", max_norm=1.0, grad_accum=3, ratio=0.5, bucket_params=3000,
+                       nan_step=2, steps=4)]
 
 
 def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str, state_dir: str) -> None:
@@ -35,7 +38,8 @@ def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str, sta
     from support.equivalence import run_case, train_state
 
     results = {}
-    variants = [(c, {"nvme_path": state_dir}) for c in CASES] + [(c, {"gpu_assist": 0.5}) for c in ASSIST_CASES]
+    variants = ([(c, {"nvme_path": state_dir}) for c in CASES] + [(c, {"gpu_assist": 0.5}) for c in ASSIST_CASES]
+                + [(c, {"accumulate": "host"}) for c in HOST_SUM_CASES])
     for case, change in variants:
         results[case.name] = run_case(dataclasses.replace(case, **change), keep_state=True)
         variant, plain = results[case.name].pop("final_state"), train_state(case)["state"]
@@ -71,3 +75,12 @@ def test_two_ranks_assist_matches_torch_adamw_and_the_cpu_road(case, results):
         assert result["plain_bitwise"], "an assisted step differs from the CPU road's"
         if case.nan_step >= 0:
             assert result["skipped"][case.nan_step] == [True, True] and result["skip_bit_identical"]
+
+
+@pytest.mark.parametrize("case", HOST_SUM_CASES, ids=lambda c: c.name)
+def test_two_ranks_host_sums_match_torch_adamw_and_device_sums(case, results):
+    for rank_results in results:
+        result = rank_results[case.name]
+        check(result, case.steps, case.lr)
+        assert result["plain_bitwise"], "summing micro-batches on the host differs from FSDP2's sums"
+        assert result["skipped"][case.nan_step] == [True, True] and result["skip_bit_identical"]

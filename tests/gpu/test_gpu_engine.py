@@ -173,3 +173,39 @@ def test_fp32_compute_is_tight(ratio):
     if ratio is None:
         assert placement.stage > 4 and any("keep their activations" in m for m in placement.log)
         assert any("tail" in m for m in placement.log)
+
+
+def test_host_accumulation_is_bitwise_device_accumulation_with_less_gpu_memory():
+    """offload.accumulate host on the GPU (streams, pinned slots, the additions on the d2h stream): the same
+    bits as FSDP2's sums on the card after clipped steps with accumulation, and the accumulated gradients of
+    the host buckets are not on the card between micro-batches."""
+    import heavylift
+    from heavylift.config import EngineConfig
+
+    def train(where):
+        ec = EngineConfig()
+        ec.precision.dtype = "bf16"
+        ec.optim.lr, ec.optim.max_grad_norm = LR, 0.05  # every step clips: the redo reads the summed slots
+        ec.offload.ratio, ec.offload.accumulate, ec.offload.bucket_params = 0.75, where, 2_000_000
+        ec.batch.grad_accum = 4
+        ec.compile = "off"
+        engine = heavylift.initialize(model=_model(), config=ec)[0]
+        g = torch.Generator().manual_seed(1)
+        between = []
+        for _ in range(3):
+            for micro in range(4):
+                ids = torch.randint(0, 1024, (2, 256), generator=g).cuda()
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                engine.step()
+                if micro == 1:
+                    torch.cuda.synchronize()
+                    between.append(torch.cuda.memory_allocated())
+        masters = engine.master_weights()
+        engine.close()
+        return masters, max(between)
+
+    dev, dev_bytes = train("device")
+    host, host_bytes = train("host")
+    assert all(torch.equal(dev[n], host[n]) for n in dev)
+    print(f"between micro-batches: device {dev_bytes / 2**20:.1f} MiB, host {host_bytes / 2**20:.1f} MiB")
+    assert host_bytes < dev_bytes

@@ -50,6 +50,7 @@ class Case:
     nvme_ratio: float | None = 1.0
     nvme_buffers: int = 3
     gpu_assist: float | str = 0.0  # offload.gpu_assist (on CPU the "device" copies are CPU copies)
+    accumulate: str = "device"  # offload.accumulate
     extra: dict = field(default_factory=dict)
 
 
@@ -86,6 +87,7 @@ def engine_config(case: Case) -> EngineConfig:
     ec.offload.state_format = case.state_format
     ec.activation_checkpointing = case.activation_checkpointing
     ec.offload.gpu_assist = case.gpu_assist
+    ec.offload.accumulate = case.accumulate
     if case.nvme_path:
         ec.offload.device, ec.offload.nvme_path = "nvme", case.nvme_path
         ec.offload.nvme_ratio, ec.offload.nvme_buffers = case.nvme_ratio, case.nvme_buffers

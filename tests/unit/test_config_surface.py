@@ -20,7 +20,7 @@ KEYS = [
     "engine.offload.device", "engine.offload.nvme_path", "engine.offload.nvme_ratio", "engine.offload.nvme_buffers",
     "engine.offload.pin_memory", "engine.offload.ratio", "engine.offload.gpu_assist", "engine.offload.cpu_threads",
     "engine.offload.speculate", "engine.offload.bucket_params", "engine.offload.kernel",
-    "engine.offload.state_format", "engine.offload.grad_slot",
+    "engine.offload.state_format", "engine.offload.grad_slot", "engine.offload.accumulate",
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
     "engine.activation_checkpointing", "engine.recompute", "engine.compile", "engine.loss_chunk_tokens", "engine.gpu_memory_gib", "engine.seed",
 ]
@@ -66,7 +66,7 @@ def test_cli_subcommands_are_frozen(capsys):
 
 
 ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac", "--no-compile",
-                  "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
+                  "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--accumulate", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
                   "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--gpu-assist",
                   "--nvme-gbs", "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
 BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--gpu-assist", "--gpu-memory-gib",

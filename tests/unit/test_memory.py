@@ -367,6 +367,21 @@ def test_accumulation_keeps_the_sharded_gradients_on_the_card(bench_shape):
     assert two.gpu["accumulated gradients (bf16 shards, accum > 1)"] == 2 * bench_shape.params
 
 
+def test_host_accumulation_leaves_only_the_tails_gradients_on_the_card(bench_shape):
+    """offload.accumulate host: the host buckets' micro-batch sums live in their host slots, so the card keeps
+    the GPU tail's accumulated gradients and one host bucket's partial sum, uploaded for the addition."""
+    dev = plan(bench_shape, Setup(seq=4096, mbs=2, accum=2, tail_ratio=0.25), H200)
+    host = plan(bench_shape, Setup(seq=4096, mbs=2, accum=2, tail_ratio=0.25, host_accumulate=True), H200)
+    assert host.tail_params > 0 and host.host_params > 0
+    assert host.gpu["accumulated gradients (GPU-tail shards, accum > 1)"] == 2 * host.tail_params
+    bucket = host.gpu["host accumulation: one bucket's partial sum, uploaded"]
+    assert 0 < bucket <= 2 * Setup().bucket_params
+    for phase in dev.gpu_phases:
+        assert dev.gpu_phases[phase] - host.gpu_phases[phase] == 2 * host.host_params - bucket
+    one = plan(bench_shape, Setup(seq=4096, mbs=2, accum=1, tail_ratio=0.25, host_accumulate=True), H200)
+    assert "host accumulation: one bucket's partial sum, uploaded" not in one.gpu  # nothing to sum with accum 1
+
+
 def test_smaller_micro_batch_suggestion_counts_the_accumulated_gradients(bench_shape):
     """The "smaller micro-batch" suggestion keeps the tokens per step with grad_accum only where the plan with
     that accumulation (its 2 B/param of gradients on the card) still fits; otherwise it says the step shrinks."""
