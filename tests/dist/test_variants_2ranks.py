@@ -56,31 +56,31 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_two_ranks_nvme_matches_torch_adamw(case, results):
+def _each_rank(results, case, differs: str) -> list[dict]:
+    """Every rank's result for ``case``: against torch's AdamW, bit for bit against the plain road, and a
+    skipped step restoring the state exactly."""
+    out = []
     for rank_results in results:
         result = rank_results[case.name]
         check(result, case.steps, case.lr)
-        assert result["plain_bitwise"], "NVMe state differs from the RAM path's"
+        assert result["plain_bitwise"], differs
         if case.nan_step >= 0:
             assert result["skipped"][case.nan_step] == [True, True] and result["skip_bit_identical"]
+        out.append(result)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_two_ranks_nvme_matches_torch_adamw(case, results):
+    _each_rank(results, case, "NVMe state differs from the RAM path's")
 
 
 @pytest.mark.parametrize("case", ASSIST_CASES, ids=lambda c: c.name)
 def test_two_ranks_assist_matches_torch_adamw_and_the_cpu_road(case, results):
-    for rank_results in results:
-        result = rank_results[case.name]
-        check(result, case.steps, case.lr)
+    for result in _each_rank(results, case, "an assisted step differs from the CPU road's"):
         assert result["stats"]["assisted"] > 0, result["stats"]
-        assert result["plain_bitwise"], "an assisted step differs from the CPU road's"
-        if case.nan_step >= 0:
-            assert result["skipped"][case.nan_step] == [True, True] and result["skip_bit_identical"]
 
 
 @pytest.mark.parametrize("case", HOST_SUM_CASES, ids=lambda c: c.name)
 def test_two_ranks_host_sums_match_torch_adamw_and_device_sums(case, results):
-    for rank_results in results:
-        result = rank_results[case.name]
-        check(result, case.steps, case.lr)
-        assert result["plain_bitwise"], "summing micro-batches on the host differs from FSDP2's sums"
-        assert result["skipped"][case.nan_step] == [True, True] and result["skip_bit_identical"]
+    _each_rank(results, case, "summing micro-batches on the host differs from FSDP2's sums")
