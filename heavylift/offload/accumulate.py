@@ -95,23 +95,28 @@ class HostAccumulator:
         self._in_flight.append((ev, keep))
 
     # ---- the window's last micro-batch -----------------------------------------------------------
-    def total(self, b: int, i: int, s: Slot, g: Tensor) -> Tensor:
+    def holds(self, b: int, i: int) -> bool:
+        """Whether bucket ``b``'s slot ``i`` holds a partial sum of this window."""
+        return (b, i) in self._partial
+
+    def total(self, b: int, i: int, s: Slot, g: Tensor | None) -> Tensor:
         """The window's gradient of bucket ``b``'s slot ``i`` on the device: ``g`` plus the slot's partial
-        sum where it holds one (on the current stream: the pipeline calls this inside its d2h stream)."""
+        sum where it holds one; ``g`` None (no gradient in the last micro-batch): the partial sum alone. On
+        the current stream: the pipeline calls this inside its d2h stream."""
         summed = self._added(b, i, s, g)
         self._partial.discard((b, i))
         return summed
 
-    def _added(self, b: int, i: int, s: Slot, g: Tensor) -> Tensor:
+    def _added(self, b: int, i: int, s: Slot, g: Tensor | None) -> Tensor:
         if (b, i) not in self._partial:
             return g
         up = s.grad.to(self.device, non_blocking=True, copy=True)
         self.link_bytes += up.numel() * up.element_size()
-        return up.add_(g)
+        return up if g is None else up.add_(g)
 
     def end_window(self) -> None:
-        """After the window's last backward: a slot that got no gradient in it drops its partial sum, as
-        the device path never steps a parameter whose hook did not fire in the last backward."""
+        """After the window's last backward (whose dispatch took every partial sum, the pipeline's
+        ``_take_earlier_sums`` included): nothing is left to carry into the next window."""
         self._partial.clear()
         for ev, _ in self._in_flight:
             ev.synchronize()

@@ -170,10 +170,28 @@ class OffloadPipeline(FloorProbes):
                 self._accumulator.end_micro_batch()
             return
         for b, pend in enumerate(self._pending):
-            if pend.active and not pend.dispatched:
-                self._dispatch(b)
+            if not pend.dispatched:
+                self._take_earlier_sums(b, pend)
+                if pend.active:
+                    self._dispatch(b)
         if self._accumulator is not None:
             self._accumulator.end_window()
+
+    def _take_earlier_sums(self, b: int, pend: _Pending) -> None:
+        """Slots whose hook did not fire in the window's last backward but that got a gradient in an earlier
+        micro-batch (a MoE expert no token of the last one picked): the window's sum is what FSDP2 kept in
+        ``.grad`` (or the host slot's partial sum), and AdamW steps it, as torch's does."""
+        got = {id(s) for s in pend.active}
+        for i, s in enumerate(self.buckets[b].slots):
+            if id(s) in got or s.device_param is None:
+                continue
+            if s.device_param.grad is not None:
+                pend.active.append(s)
+                pend.grads.append(local_of(s.device_param.grad))
+                s.device_param.grad = None
+            elif self._accumulator is not None and self._accumulator.holds(b, i):
+                pend.active.append(s)
+                pend.grads.append(None)  # the sum is the slot's partial alone
 
     def _dispatch(self, b: int) -> None:
         bucket, pend = self.buckets[b], self._pending[b]
@@ -190,7 +208,7 @@ class OffloadPipeline(FloorProbes):
                 kept: list[Tensor] = []  # this micro-batch's own gradients, read by the additions
                 if self._accumulator is not None:  # the window's sum: the slot's partial + this micro-batch's
                     totals = self._window_totals(b, pend)
-                    kept = [g for g, t in zip(pend.grads, totals) if t is not g]
+                    kept = [g for g, t in zip(pend.grads, totals) if g is not None and t is not g]
                     pend.grads = totals
                 pend.sumsq = sum_of_squares(pend.grads)  # from the device gradients, before any cast
                 # A slot of another dtype (bf16 slot, fp32 compute): cast on the GPU so only the slot's
@@ -222,7 +240,7 @@ class OffloadPipeline(FloorProbes):
         finally:
             self._accumulator = acc
 
-    def _window_totals(self, b: int, pend: _Pending) -> list[Tensor]:
+    def _window_totals(self, b: int, pend: _Pending) -> list[Tensor | None]:
         """Host accumulation: each slot's gradient for the whole window, on the device (the current stream)."""
         index = {id(s): i for i, s in enumerate(self.buckets[b].slots)}
         return [self._accumulator.total(b, index[id(s)], s, g) for s, g in zip(pend.active, pend.grads)]

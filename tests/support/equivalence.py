@@ -35,6 +35,9 @@ class Case:
     weight_decay: float = 0.0
     schedule: str = "constant"
     unused_param: bool = False
+    # with unused_param: the block's extra Linear joins the loss in each step's first micro-batch only (a MoE
+    # expert no token of the last micro-batch picked: its gradient comes from the earlier ones alone)
+    early_only: bool = False
     nan_step: int = -1  # optimizer step whose layer-0 gradients become NaN
     ratio: float = 1.0
     speculate: bool = True
@@ -105,6 +108,17 @@ def reference_optimizer(model: nn.Module, case: Case, ec: EngineConfig, fused: b
     return opt, sched
 
 
+def _early_hook(flag: dict):
+    """While ``flag["on"]``: the block's output gains a small term from its ``unused`` Linear."""
+    def hook(module, _inp, out):
+        if not flag["on"]:
+            return None
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + 0.1 * module.unused(h).tanh()
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+    return hook
+
+
 def _nan_hook(flag: dict):
     def hook(_module, _inp, out):
         if flag["on"] and out.requires_grad:
@@ -135,6 +149,10 @@ def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False)
     flag = {"on": False}
     for m in (model, ref):
         m.model.layers[0].mlp.register_forward_hook(_nan_hook(flag))
+    early = {"on": False}
+    if case.early_only:
+        for m in (model, ref):
+            m.model.layers[1].register_forward_hook(_early_hook(early))
     engine, _, _, _ = heavylift.initialize(model=model, config=ec)
     ropt, rsched = reference_optimizer(ref, case, ec, fused_reference)
     norms, skipped, state_before, state_after_skip = [], [], None, None
@@ -145,6 +163,7 @@ def run_case(case: Case, fused_reference: bool = True, keep_state: bool = False)
         if step == case.nan_step:
             state_before = snapshot_state(engine)
         for micro in range(case.grad_accum):
+            early["on"] = micro == 0
             bs = batches(step, micro, world)
             out = engine(input_ids=bs[rank], labels=bs[rank])
             engine.backward(out.loss)

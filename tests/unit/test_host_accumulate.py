@@ -74,3 +74,14 @@ def test_without_host_sums_leaves_the_slots_alone():
     assert any(g.any() for g in slots)
     assert all(p.grad is None for p in engine.module.parameters())  # the card let them go
     engine.close()
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_a_parameter_used_only_in_earlier_micro_batches_is_stepped(where):
+    """A parameter with a gradient from an earlier micro-batch but none from the window's last (a MoE expert
+    the last tokens did not pick) steps with that sum, as torch's AdamW steps it; the sum does not leak
+    into the next window."""
+    case = Case("early_only", max_norm=1.0, grad_accum=3, unused_param=True, early_only=True, steps=4,
+                bucket_params=3000, weight_decay=0.1, accumulate=where)
+    result = run_case(case)
+    check(result, case.steps, case.lr)
