@@ -112,14 +112,10 @@ class Engine(InitPlacement):
         self.state_format = FORMATS[cfg.offload.state_format]
         self.grad_slot = grad_slot.resolve(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype)
         self.dtype = _DTYPES[cfg.precision.dtype]
-        if cfg.offload.accumulate == "host" and grad_slot.GRAD_SLOTS[self.grad_slot] != self.dtype:
+        if cfg.offload.accumulate == "host" and (why := grad_slot.host_sums_refused(self.grad_slot, cfg.precision.dtype)):
             from heavylift.config.errors import HeavyliftError
 
-            raise HeavyliftError(
-                f"offload.accumulate host sums gradients in the host slot, which must hold the compute dtype "
-                f"({cfg.precision.dtype}) for the sums to be FSDP2's; this run's slot is {self.grad_slot}: set "
-                + (f"offload.grad_slot {cfg.precision.dtype} or " if cfg.precision.dtype in grad_slot.GRAD_SLOTS else "")
-                + "offload.accumulate device")
+            raise HeavyliftError(why)
         self.scaler = LossScaler.from_config(cfg.precision)
         self.micro_step = 0
         self.global_step = 0

@@ -98,13 +98,22 @@ def step_record(proc: subprocess.CompletedProcess, cmd: list[str]) -> tuple[dict
     of RAM), the steps' own record (stage "steps") and a note that says so; no record at all is an error."""
     records = json_records(proc.stdout)
     final = [r for r in records if r.get("stage", "final") == "final"]
-    if proc.returncode == 0 and final:
-        return final[0], ""
+    why = failure_line(proc.stdout + proc.stderr)[:300]
+    if final:  # measured in full; a failure after it (closing, shutting down) is only noted
+        return final[0], "" if proc.returncode == 0 else f"the step benchmark exited {proc.returncode} after its record: {why}"
     steps = [r for r in records if r.get("stage") == "steps"]
     if not steps:
         raise _failed(cmd, proc)
-    why = failure_line(proc.stdout + proc.stderr)[:300]
     return steps[0], f"floor not measured: the step benchmark died after its timed steps (exit {proc.returncode}: {why})"
+
+
+def run_step(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """The step benchmark; one that runs past ``timeout`` comes back as exit 124 with what it printed."""
+    try:
+        return _run(cmd, timeout)
+    except subprocess.TimeoutExpired as e:
+        text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        return subprocess.CompletedProcess(cmd, 124, text[0], text[1] + f"\nTimeoutExpired: after {timeout} s")
 
 
 def failure_line(out: str) -> str:
@@ -151,7 +160,7 @@ def run(a: argparse.Namespace) -> int:
     by_gpus, raw = {}, {}
     step_notes = {}
     for n in counts:
-        proc = _run(cmd := step_command(a, n), 1200)
+        proc = run_step(cmd := step_command(a, n), 1200)
         raw[f"heavylift-{n}gpu"] = proc.stdout + proc.stderr
         by_gpus[n], step_notes[n] = step_record(proc, cmd)
     step = by_gpus[gpus]

@@ -71,6 +71,13 @@ def check_setup(s: Setup) -> None:
                              f"(--nvme PATH or --nvme-free-gib), not {s.nvme_ratio} with device {s.offload_device}")
     if not 0.0 <= s.gpu_assist <= 1.0:
         raise HeavyliftError(f"gpu assist (offload.gpu_assist, --gpu-assist) must be in [0, 1], not {s.gpu_assist}")
+    if s.host_accumulate and s.state_format != "auto":  # auto: the slot follows the format estimate() picks
+        from heavylift.optim import grad_slot
+
+        why = grad_slot.host_sums_refused(grad_slot.resolve(s.grad_slot, s.state_format, s.compute_dtype),
+                                          s.compute_dtype)
+        if why:
+            raise HeavyliftError(why)
     if s.nvme_buffers < 1:
         raise HeavyliftError(f"nvme buffers (offload.nvme_buffers, --nvme-buffers) must be an integer >= 1, "
                              f"not {s.nvme_buffers}")

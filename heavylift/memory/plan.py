@@ -192,7 +192,7 @@ def init_tail_params(shape: ModelShape, setup: Setup, gpu_total_bytes: int, host
     base = plan(shape, dataclasses.replace(setup, tail_ratio=0.0), Machine(has_cuda=True))  # compute on a GPU
     spare = gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES - CUDA_CONTEXT_BYTES \
         - base.gpu_peak * (1.0 + GPU_UNCERTAINTY)
-    tail_bytes = _tail_format(setup).state_bytes
+    tail_bytes = _tail_param_bytes(setup)
     fit = max(int(spare // tail_bytes), 0)
     floor = root_tail_params(shape.root_params // setup.world, tail_bytes, gpu_total_bytes)
     if host_available is None:
@@ -210,7 +210,7 @@ def _placement_settles(peak: int, setup: Setup, machine: Machine, shape: ModelSh
     if setup.tail_ratio is not None or not machine.gpu_total_bytes:
         return 0
     target = int(machine.gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES)
-    everything = peak + int(host_params * _tail_format(setup).state_bytes)
+    everything = peak + int(host_params * _tail_param_bytes(setup))
     if setup.activation_checkpointing:
         everything += shape.layers * setup.mbs * setup.seq * kept_block_bytes_per_token(shape)
     return min(target, everything) if target > peak else 0
@@ -245,6 +245,13 @@ def host_format(setup: Setup, name: str | None = None) -> HostFormat:
 def _tail_format(setup: Setup) -> StateFormat:
     f = FORMATS.get(setup.state_format)  # a format the planner knows but the store does not: an fp32 tail
     return FORMATS[f.tail if f is not None else "fp32"]
+
+
+def _tail_param_bytes(setup: Setup) -> float:
+    """GPU bytes a parameter costs when it moves to the tail: its state, and with host accumulation its
+    window's gradient sum too (which its host bucket had kept off the card)."""
+    extra = setup.dtype_bytes if setup.host_accumulate and setup.accum > 1 else 0
+    return _tail_format(setup).state_bytes + extra
 
 
 def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -364,7 +371,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     host_rank = sum(host.values())
     settled = _placement_settles(phases[peak_phase], setup, machine, shape, host_params)
     if settled:
-        moved = min(int((settled - phases[peak_phase]) // _tail_format(setup).state_bytes), host_params)
+        moved = min(int((settled - phases[peak_phase]) // _tail_param_bytes(setup)), host_params)
         target = machine.gpu_total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES
         notes.append(f"the automatic placement then spends the card up to {settled / GiB:.1f} GiB (offload/placement.py): "
                      + ("all host state becomes GPU tail and every block keeps its activations (all of it fits "

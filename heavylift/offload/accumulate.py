@@ -19,8 +19,10 @@ sharded gradient in that dtype, here ``up += g`` in the same dtype and order, so
 the device path's. That holds only where the slot has the gradient's dtype (the engine refuses host
 accumulation otherwise). On the CPU (tests) the same additions run in place on the slot.
 
-GPU-tail buckets keep accumulating on the card (their state is there anyway). Every device tensor a copy
-reads stays referenced until the d2h stream's event for it has passed.
+GPU-tail buckets keep accumulating on the card (their state is there anyway). A micro-batch's gradient is
+let go as soon as its copies are queued: ``record_stream`` keeps the caching allocator from handing its
+memory out before the d2h stream has read it, so the card holds at most one bucket's gradients in flight,
+not the micro-batch's.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ class HostAccumulator:
         self._d2h = d2h
         self._landing: dict[int, _Landing] = {}
         self._partial: set[tuple[int, int]] = set()  # (bucket, slot) whose host slot holds a partial sum
-        self._in_flight: list[tuple[torch.cuda.Event, list[Tensor]]] = []
         self.link_bytes = 0  # both ways, for the pipeline's link counter
 
     # ---- micro-batches before the window's last -----------------------------------------------
@@ -65,7 +66,6 @@ class HostAccumulator:
         """After a non-final backward: send the buckets some of whose parameters got no gradient."""
         for b in list(self._landing):
             self._send(b)
-        self._in_flight = [(ev, keep) for ev, keep in self._in_flight if not ev.query()]
 
     @torch.no_grad()
     def _send(self, b: int) -> None:
@@ -80,19 +80,15 @@ class HostAccumulator:
                 self._partial.add((b, i))
             return
         self._d2h.wait_stream(torch.cuda.current_stream(self.device))
-        keep = list(landing.grads)
         with torch.cuda.stream(self._d2h):
             for i, g in zip(landing.slots, landing.grads):
                 s = slots[i]
-                summed = self._added(b, i, s, g)
+                g.record_stream(self._d2h)  # its memory is not reused before the d2h stream is done with it
+                summed = self._added(b, i, s, g)  # allocated on the d2h stream: freed in its order
                 s.grad.copy_(summed, non_blocking=True)
                 self.link_bytes += s.grad.numel() * s.grad.element_size()
-                if summed is not g:
-                    keep.append(summed)
                 self._partial.add((b, i))
-            ev = torch.cuda.Event()
-            ev.record(self._d2h)
-        self._in_flight.append((ev, keep))
+        # nothing kept: the card lets this micro-batch's gradients go as soon as the copies have run
 
     # ---- the window's last micro-batch -----------------------------------------------------------
     def holds(self, b: int, i: int) -> bool:
@@ -118,6 +114,3 @@ class HostAccumulator:
         """After the window's last backward (whose dispatch took every partial sum, the pipeline's
         ``_take_earlier_sums`` included): nothing is left to carry into the next window."""
         self._partial.clear()
-        for ev, _ in self._in_flight:
-            ev.synchronize()
-        self._in_flight = []

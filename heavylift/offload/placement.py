@@ -47,6 +47,9 @@ class AutoPlacement:
         self.assist = engine.config.offload.gpu_assist == "auto" and engine.pipeline.assisting  # share to choose
         self.device = engine.device
         self.tail_bytes = FORMATS[engine.state_format.tail].state_bytes  # GPU bytes per tail parameter
+        cfg = engine.config
+        if cfg.offload.accumulate == "host" and cfg.batch.grad_accum > 1:  # a tail param's sum stays on the card
+            self.tail_bytes += engine.dtype.itemsize
         self.total = engine.card_bytes()  # the card, or engine.gpu_memory_gib where smaller
         self.stage = 1
         self.probe: ActivationProbe | None = None

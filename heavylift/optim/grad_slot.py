@@ -40,3 +40,13 @@ def why(setting: str, state_format: str, compute_dtype: str) -> str:
 
 def slot_bytes(slot: str) -> int:
     return GRAD_SLOTS[slot].itemsize
+
+
+def host_sums_refused(slot: str, compute_dtype: str) -> str | None:
+    """Why offload.accumulate host cannot run with this slot, or None: the slot must hold the compute dtype
+    for its sums to be FSDP2's (offload/accumulate.py)."""
+    if slot == compute_dtype:
+        return None
+    fix = f"offload.grad_slot {compute_dtype} or " if compute_dtype in GRAD_SLOTS else ""
+    return (f"offload.accumulate host sums gradients in the host slot, which must hold the compute dtype "
+            f"({compute_dtype}) for the sums to be FSDP2's; this run's slot is {slot}: set {fix}offload.accumulate device")

@@ -186,3 +186,24 @@ def test_a_step_benchmark_killed_while_measuring_its_floor_keeps_its_timed_steps
     assert "| heavylift | 1.500 |" in md and "floor not measured" in md and "exit -9" in md
     with pytest.raises(HeavyliftError, match="exit -9"):  # died before any timed step: nothing to show
         step_record(subprocess.CompletedProcess(cmd, -9, "", "Killed\n"), cmd)
+    closing = subprocess.CompletedProcess(cmd, 1, json.dumps(steps) + "\n" + json.dumps(final) + "\n",
+                                          "RuntimeError: gloo shutdown\n")  # failed after its full record
+    record, note = step_record(closing, cmd)
+    assert record == final and "exited 1 after its record" in note
+
+
+def test_a_step_benchmark_past_its_time_keeps_what_it_printed(tmp_path):
+    import json
+    import sys
+
+    from heavylift.benchmark.run import run_step, step_record
+
+    script = tmp_path / "slow.py"
+    script.write_text("import json, time\nprint(json.dumps({'step_s': 1.0, 'stage': 'steps', 'floor': "
+                      "{'floor_s': None}}), flush=True)\ntime.sleep(60)\n")
+    cmd = [sys.executable, str(script)]
+    proc = run_step(cmd, 3)
+    assert proc.returncode == 124 and "TimeoutExpired" in proc.stderr
+    record, note = step_record(proc, cmd)
+    assert record["step_s"] == 1.0 and "floor not measured" in note and "exit 124" in note
+    assert json.loads(proc.stdout.splitlines()[0])["stage"] == "steps"

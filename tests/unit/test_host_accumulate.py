@@ -85,3 +85,13 @@ def test_a_parameter_used_only_in_earlier_micro_batches_is_stepped(where):
                 bucket_params=3000, weight_decay=0.1, accumulate=where)
     result = run_case(case)
     check(result, case.steps, case.lr)
+
+
+def test_estimate_refuses_host_sums_as_the_engine_does():
+    from heavylift.config.errors import HeavyliftError
+    from heavylift.memory import Setup, check_setup
+
+    check_setup(Setup(accum=2, host_accumulate=True, compute_dtype="bf16", state_format="int8-moments"))
+    with pytest.raises(HeavyliftError, match="offload.grad_slot fp32 or offload.accumulate device"):
+        check_setup(Setup(accum=2, host_accumulate=True, compute_dtype="fp32", dtype_bytes=4,
+                          state_format="int8-moments"))
