@@ -16,7 +16,7 @@ from heavylift.memory.constants import StateFormat as HostFormat
 from heavylift.memory.model import ModelShape
 from heavylift.offload.nvme import file_bytes, region_layout
 from heavylift.offload.preflight import nvme_split
-from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move
+from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, tail_param_bytes
 from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS, SELF_TAILED, StateFormat
 from heavylift.optim.quant import BLOCK
@@ -248,10 +248,7 @@ def _tail_format(setup: Setup) -> StateFormat:
 
 
 def _tail_param_bytes(setup: Setup) -> float:
-    """GPU bytes a parameter costs when it moves to the tail: its state, and with host accumulation its
-    window's gradient sum too (which its host bucket had kept off the card)."""
-    extra = setup.dtype_bytes if setup.host_accumulate and setup.accum > 1 else 0
-    return _tail_format(setup).state_bytes + extra
+    return tail_param_bytes(_tail_format(setup).state_bytes, setup.dtype_bytes, setup.host_accumulate, setup.accum)
 
 
 def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:

@@ -371,7 +371,7 @@ class OffloadPipeline(FloorProbes):
         pend = self._pending[b]
         if ev is not None:
             ev.synchronize()
-        del grads  # device memory may be reused now that the copy has completed
+        grads.clear()  # the task's own list (the worker loop still holds it): its device memory goes now
         if self._speculate_now and not self.buckets[b].nvme and math.isfinite(float(host_sumsq)):
             self._wait_upload(b)
             with self._timed(pend.active):

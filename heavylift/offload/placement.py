@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from heavylift.offload.assist_share import balanced_share, link_bytes_per_s, pass_speedup
-from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, forward_deadlines, tail_for_hiding
+from heavylift.offload.tail import (MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, forward_deadlines, tail_for_hiding,
+                                   tail_param_bytes)
 from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS
 from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkpointed, set_checkpointed
@@ -46,10 +47,9 @@ class AutoPlacement:
         self.tail, self.recompute = tail, recompute and bool(blocks) and all(checkpointed(b) for b in blocks)
         self.assist = engine.config.offload.gpu_assist == "auto" and engine.pipeline.assisting  # share to choose
         self.device = engine.device
-        self.tail_bytes = FORMATS[engine.state_format.tail].state_bytes  # GPU bytes per tail parameter
         cfg = engine.config
-        if cfg.offload.accumulate == "host" and cfg.batch.grad_accum > 1:  # a tail param's sum stays on the card
-            self.tail_bytes += engine.dtype.itemsize
+        self.tail_bytes = tail_param_bytes(FORMATS[engine.state_format.tail].state_bytes, engine.dtype.itemsize,
+                                           cfg.offload.accumulate == "host", cfg.batch.grad_accum)
         self.total = engine.card_bytes()  # the card, or engine.gpu_memory_gib where smaller
         self.stage = 1
         self.probe: ActivationProbe | None = None

@@ -15,6 +15,13 @@ MARGIN_FRACTION = 0.10  # of the card, for fragmentation and peaks the first ste
 MARGIN_BYTES = 2 * 1024**3
 
 
+def tail_param_bytes(state_bytes: float, grad_bytes: int, host_accumulate: bool, accum: int) -> float:
+    """GPU bytes a parameter costs when it moves to the tail: its state, and under ``offload.accumulate
+    host`` with accumulation also its window's gradient sum, which its host bucket kept off the card
+    (a tail bucket's sum stays in FSDP2's ``.grad``). The placement and the planner both use this."""
+    return state_bytes + (grad_bytes if host_accumulate and accum > 1 else 0)
+
+
 def tail_budget_params(total_bytes: int, peak_bytes: int, bytes_per_param: float = TAIL_BYTES_PER_PARAM) -> int:
     """Parameters whose tail state fits beside the measured peak, keeping the margin."""
     spare = total_bytes * (1.0 - MARGIN_FRACTION) - MARGIN_BYTES - peak_bytes

@@ -679,3 +679,18 @@ def test_estimate_plans_the_default_assist_only_for_a_gpu_run(capsys):
     assert "all pinned for gpu_assist" not in host_rows("--gpu-mem-gib", "80", "--gpu-assist", "0")
     if not torch.cuda.is_available():
         assert "master + grad slot" in host_rows()  # no card here and none described: a CPU run
+
+
+def test_a_tail_parameter_under_host_accumulation_costs_its_sum_too(bench_shape):
+    """Moving a host bucket to the tail under offload.accumulate host puts its window's gradient sum back on
+    the card: the placement and the planner both count it with offload/tail.py tail_param_bytes. Before the
+    placement grows the tail, the planned peak is lower with host sums."""
+    from heavylift.offload.tail import tail_param_bytes
+
+    assert tail_param_bytes(16, 2, True, 4) == 18
+    assert tail_param_bytes(16, 2, False, 4) == tail_param_bytes(16, 2, True, 1) == 16
+    h200 = dataclasses.replace(H200, host_available_bytes=2**40)
+    dev = plan(bench_shape, Setup(seq=4096, mbs=2, accum=4), h200)
+    host = plan(bench_shape, Setup(seq=4096, mbs=2, accum=4, host_accumulate=True), h200)
+    assert any("automatic placement" in n for n in host.notes)
+    assert host.gpu_peak < dev.gpu_peak  # the host buckets' sums are off the card before the placement settles
