@@ -27,7 +27,10 @@ ASSIST_CASES = [Case("assist_clip_always", max_norm=0.05, speculate=False, bucke
                 Case("assist_accum2_nan_skip", max_norm=1.0, speculate=False, grad_accum=2, bucket_params=3000,
                      nan_step=2, steps=4)]
 HOST_SUM_CASES = [Case("host_accum3_tail_nan_clip", max_norm=1.0, grad_accum=3, ratio=0.5, bucket_params=3000,
-                       nan_step=2, steps=4)]
+                       nan_step=2, steps=4),
+                  # a parameter with gradients from the window's first micro-batch only (a MoE expert)
+                  Case("host_accum3_early_only", max_norm=1.0, grad_accum=3, unused_param=True, early_only=True,
+                       bucket_params=3000, weight_decay=0.1, steps=4)]
 
 
 def _worker(rank: int, world: int, port: int, out_path: str, tests_dir: str, state_dir: str) -> None:

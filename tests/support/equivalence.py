@@ -223,14 +223,17 @@ def train_state(case: Case) -> dict:
     """Train ``case`` with no reference beside it: every state tensor this rank owns afterwards, the norms,
     the pipeline's counts and the gradient slot's dtype (rank r trains on batch r, as run_case)."""
     world, rank = world_and_rank()
-    model = tiny_model()
-    flag = {"on": False}
+    model = tiny_model(unused=case.unused_param)
+    flag, early = {"on": False}, {"on": False}
     model.model.layers[0].mlp.register_forward_hook(_nan_hook(flag))
+    if case.early_only:
+        model.model.layers[1].register_forward_hook(_early_hook(early))
     engine = heavylift.initialize(model=model, config=engine_config(case))[0]
     norms = []
     for step in range(case.steps):
         flag["on"] = step == case.nan_step
         for micro in range(case.grad_accum):
+            early["on"] = micro == 0
             ids = batches(step, micro, world)[rank]
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
