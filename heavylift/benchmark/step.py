@@ -127,12 +127,15 @@ def fwd_bwd_alone(engine, cfg, a, reps: int = 3) -> float:
 
 
 @torch.no_grad()
-def link_alone(engine) -> float:
+def link_alone(engine, accum: int = 1) -> float:
     """Every host bucket's gradient down (its slot's dtype) and master up (fp32, cast to the shard),
-    concurrently; an NVMe bucket's master goes up from a pinned stand-in (its ring set in a real step)."""
+    concurrently; an NVMe bucket's master goes up from a pinned stand-in (its ring set in a real step). With
+    offload.accumulate host, each of the window's ``accum`` micro-batches sends the gradient down and all but
+    the first send the partial sum up first, on the same stream (offload/accumulate.py)."""
     host = [b for b in engine.buckets if b.on_host]
     if not host:
         return 0.0
+    sums = accum if engine.config.offload.accumulate == "host" else 1
     n = max(b.spec.numel for b in host)
     dev = {d: torch.empty(n, dtype=d, device="cuda") for d in {b.flats["grad"].dtype for b in host}}
     stand_in = torch.empty(n, dtype=torch.float32, pin_memory=True) if any(b.nvme for b in host) else None
@@ -141,7 +144,10 @@ def link_alone(engine) -> float:
     t = time.perf_counter()
     for b in host:
         with torch.cuda.stream(down):
-            b.flats["grad"].copy_(dev[b.flats["grad"].dtype][: b.spec.numel], non_blocking=True)
+            for k in range(sums):
+                if k:  # the partial sum up, for the GPU's addition
+                    dev[b.flats["grad"].dtype][: b.spec.numel].copy_(b.flats["grad"], non_blocking=True)
+                b.flats["grad"].copy_(dev[b.flats["grad"].dtype][: b.spec.numel], non_blocking=True)
         with torch.cuda.stream(up):
             for s in b.slots:
                 local = s.device_param.to_local()
@@ -176,7 +182,7 @@ def measure_floor(engine, cfg, a) -> dict:
     _together()
     cpu_s = engine.pipeline.time_host_pass()
     _together()
-    floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": cpu_s, "link_s": link_alone(engine)}
+    floor = {"fwd_bwd_s": fwd_bwd_s, "cpu_optimizer_s": cpu_s, "link_s": link_alone(engine, a.accum)}
     if engine.first_ram:  # NVMe buckets: their state's read + write, alone
         _together()
         floor["disk_s"] = engine.pipeline.time_disk_pass()
