@@ -7,7 +7,7 @@ so the card holds every parameter's gradient for the whole window (2 B/param wit
     autograd thread              d2h stream                                        host slot (pinned)
     micro-batch 1 backward:
       hook(p): take p.grad,      g -> slot                                         slot = g1
-      p.grad = None (freed once the copy's event has passed)
+      p.grad = None (its memory reused only after the d2h stream has read it)
     micro-batch k (1 < k < n):
       hook(p): take p.grad       slot -> up (H2D); up += g (on the GPU); up -> slot slot = g1 + ... + gk
     micro-batch n (the boundary): the pipeline's own dispatch asks ``total``:
