@@ -87,3 +87,18 @@ def test_split_bf16_keeps_16_significant_bits():
     hi, lo = split_bf16(x)
     assert torch.equal(hi, x.bfloat16())
     assert ((hi.double() + lo.double() - x.double()).abs() <= x.double().abs() * 2.0**-16).all()
+
+
+def test_write_master_splits_in_chunks_to_the_same_bits(monkeypatch):
+    """The store splits a bf16 master pair chunk by chunk (a whole 778 M-element embedding's split held 7 GiB
+    of temporaries at init); every chunk boundary gives the bits of the whole tensor's split."""
+    from heavylift.offload import store
+
+    monkeypatch.setattr(store, "SPLIT_CHUNK", 1000)
+    value = torch.randn(37, 101) * 3.0  # 3737 elements: three whole chunks and a ragged one
+    slot = store.Slot(spec=None, state={"master": torch.empty(37, 101, dtype=torch.bfloat16),
+                                        "master_comp": torch.empty(37, 101, dtype=torch.bfloat16)},
+                      grad=torch.empty(0), step=torch.zeros(()))
+    store.write_master(slot, value)
+    hi, lo = split_bf16(value)
+    assert torch.equal(slot.state["master"], hi) and torch.equal(slot.state["master_comp"], lo)
