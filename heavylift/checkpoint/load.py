@@ -87,6 +87,7 @@ def load(engine, directory: str | os.PathLike, tag: str = "latest") -> dict:
     rng_state = torch.load(rank_path, weights_only=True) if rank_path.is_file() else None
 
     engine.pipeline.wait_all()
+    engine.pipeline.drop_window()  # the checkpoint holds a step boundary: no sum of a window begun here carries on
     if meta["world_size"] == world:  # on another rank count the buckets differ: the placement starts afresh
         engine.restore_placement(meta.get("placement"))
     try:  # NVMe-resident state is filled in the ring and written back, one bucket at a time

@@ -231,6 +231,16 @@ class OffloadPipeline(FloorProbes):
         grads, pend.grads = pend.grads, []
         self._tasks.put(("land", b, (ev, grads, host_sumsq)))
 
+    def drop_window(self) -> None:
+        """Forget the current accumulation window's gradient sums, FSDP2's ``.grad`` and the host slots'
+        partial sums (loading a checkpoint, which holds a step boundary, part-way through a window)."""
+        for bucket in self.buckets:
+            for s in bucket.slots:
+                if s.device_param is not None:
+                    s.device_param.grad = None
+        if self._accumulator is not None:
+            self._accumulator.reset()
+
     @contextlib.contextmanager
     def without_host_sums(self):
         """For the benchmark's forward+backward alone: micro-batch gradients are dropped, not summed on the host."""

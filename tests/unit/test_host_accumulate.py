@@ -95,3 +95,32 @@ def test_estimate_refuses_host_sums_as_the_engine_does():
     with pytest.raises(HeavyliftError, match="offload.grad_slot fp32 or offload.accumulate device"):
         check_setup(Setup(accum=2, host_accumulate=True, compute_dtype="fp32", dtype_bytes=4,
                           state_format="int8-moments"))
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_loading_a_checkpoint_mid_window_drops_that_windows_sums(tmp_path, where):
+    """A checkpoint holds a step boundary: loading it into an engine that is part-way through a window must not
+    carry that window's gradient sums (FSDP2's .grad, or the host slots' partial sums) into the next one."""
+    import torch
+
+    from heavylift.checkpoint import load, save
+    from support.checkpointing import CASE, local_state, new_engine, train
+    from support.equivalence import batches
+
+    case = dataclasses.replace(CASE, accumulate=where, grad_accum=3)
+    fresh = new_engine(case=case)
+    train(fresh, range(2), case)
+    save(fresh, tmp_path, "step-2")
+    train(fresh, range(2, 4), case)
+    want = local_state(fresh)
+    fresh.close()
+
+    busy = new_engine(case=case)
+    train(busy, range(1), case)
+    x = torch.cat(batches(9, 0, 2))
+    busy.backward(busy(input_ids=x, labels=x).loss)  # one micro-batch of a window, not stepped
+    busy.step()
+    load(busy, tmp_path, "step-2")
+    train(busy, range(2, 4), case)
+    assert all(torch.equal(a, b) for a, b in zip(want, local_state(busy)))
+    busy.close()
