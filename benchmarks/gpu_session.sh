@@ -30,6 +30,11 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/out}
 pip install -q --no-index --no-deps .wheels/*.whl 2>/dev/null
+# fields FILE KEY...: the given keys of each final record of a step benchmark's JSON lines
+fields() { python -c "import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if r.get('stage') != 'steps': print(sys.argv[1][-16:], *(r.get(k) for k in sys.argv[2:]))" "$@"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "${PART:-tests}" in
 tests)
@@ -115,11 +120,9 @@ assist)
     --ratio 0.8 --gpu-assist "${ASSISTS:-auto,0,0.4}" > "$OUT/assist-4b.jsonl" 2> "$OUT/assist-4b.err"
   [ "${ASSISTS14:-auto,0}" = none ] || timeout ${T14B:-300} python -m heavylift.benchmark.step --model qwen3-14b --seq 4096 --mbs 1 --accum 2 --warmup 3 \
     --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-auto,0}" > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
-  for f in assist-4b assist-14b; do python -c "import json, sys
-for l in open(sys.argv[1]):
-    r = json.loads(l)
-    if r.get('stage') != 'steps': print(sys.argv[1][-16:], r['gpu_assist'], r['step_s'], r['forward_wait_s'], r['speculation'], r['floor'])" \
-    "$OUT/$f.jsonl"; tail -2 "$OUT/$f.err"; done
+  for f in assist-4b assist-14b; do
+    fields "$OUT/$f.jsonl" gpu_assist step_s forward_wait_s speculation floor; tail -2 "$OUT/$f.err"
+  done
   ;;
 accuracy)
   timeout 575 python benchmarks/format_accuracy.py --out-dir /tmp/acc --eval-every 4 --max-steps 12 \
@@ -139,11 +142,8 @@ hostacc)
   for where in device host; do
     timeout ${HOSTACC_TIMEOUT:-270} python -m heavylift.benchmark.step --model llama-8b --seq 4096 --mbs 1 --accum 8 \
       --warmup 4 --steps 2 --accumulate $where --gpu-memory-gib ${GPU_MEM:-78.5} > "$OUT/acc-$where.jsonl" 2> "$OUT/acc-$where.err"
-    python -c "import json, sys
-for l in open(sys.argv[1]):
-    r = json.loads(l)
-    if r.get('stage') != 'steps': print(r['accumulate'], r['step_s'], r['forward_wait_s'], r['tail_buckets'], r['buckets'], r['peak_gpu_gib'], r['floor'])" \
-      "$OUT/acc-$where.jsonl"; tail -2 "$OUT/acc-$where.err"
+    fields "$OUT/acc-$where.jsonl" accumulate step_s forward_wait_s tail_buckets buckets peak_gpu_gib floor
+    tail -2 "$OUT/acc-$where.err"
   done
   ;;
 small)

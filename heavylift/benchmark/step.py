@@ -143,11 +143,12 @@ def link_alone(engine, accum: int = 1) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
     for b in host:
+        slot, on_card = b.flats["grad"], dev[b.flats["grad"].dtype][: b.spec.numel]
         with torch.cuda.stream(down):
             for k in range(sums):
                 if k:  # the partial sum up, for the GPU's addition
-                    dev[b.flats["grad"].dtype][: b.spec.numel].copy_(b.flats["grad"], non_blocking=True)
-                b.flats["grad"].copy_(dev[b.flats["grad"].dtype][: b.spec.numel], non_blocking=True)
+                    on_card.copy_(slot, non_blocking=True)
+                slot.copy_(on_card, non_blocking=True)
         with torch.cuda.stream(up):
             for s in b.slots:
                 local = s.device_param.to_local()

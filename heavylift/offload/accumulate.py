@@ -111,11 +111,8 @@ class HostAccumulator:
         return up if g is None else up.add_(g)
 
     def reset(self) -> None:
-        """Nothing held: a checkpoint was loaded part-way through a window."""
+        """Nothing held: after the window's last backward (whose dispatch took every partial sum, the
+        pipeline's ``_take_earlier_sums`` included), or a checkpoint loaded part-way through a window."""
         self._landing.clear()
         self._partial.clear()
 
-    def end_window(self) -> None:
-        """After the window's last backward (whose dispatch took every partial sum, the pipeline's
-        ``_take_earlier_sums`` included): nothing is left to carry into the next window."""
-        self._partial.clear()

@@ -175,7 +175,7 @@ class OffloadPipeline(FloorProbes):
                 if pend.active:
                     self._dispatch(b)
         if self._accumulator is not None:
-            self._accumulator.end_window()
+            self._accumulator.reset()
 
     def _take_earlier_sums(self, b: int, pend: _Pending) -> None:
         """Slots whose hook did not fire in the window's last backward but that got a gradient in an earlier
