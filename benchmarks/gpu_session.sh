@@ -24,7 +24,7 @@
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
 # HEAVYLIFT_COMMIT names the commit (the tree travels without .git). Logs land in $OUT.
-# GPU_MEM=78.5 (bench, llama8b, small) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
+# GPU_MEM=78.5 (bench, llama8b, small, assist) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
 # GPU_CARD=79.1 (largest; an 80 GB card as torch reports it) plans and tries the largest model for a card of that size.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -116,12 +116,14 @@ nvme)
   done
   ;;
 assist)
-  timeout ${T4B:-270} python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --warmup 3 --steps 3 \
-    --ratio 0.8 --gpu-assist "${ASSISTS:-auto,0,0.4}" > "$OUT/assist-4b.jsonl" 2> "$OUT/assist-4b.err"
+  # ASSISTS / ASSISTS14: the shares for qwen3-4b / qwen3-14b (none: skip that model)
+  [ "${ASSISTS:-auto,0,0.4}" = none ] || timeout ${T4B:-270} python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --warmup 3 --steps 3 \
+    --ratio 0.8 --gpu-assist "${ASSISTS:-auto,0,0.4}" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} > "$OUT/assist-4b.jsonl" 2> "$OUT/assist-4b.err"
   [ "${ASSISTS14:-auto,0}" = none ] || timeout ${T14B:-300} python -m heavylift.benchmark.step --model qwen3-14b --seq 4096 --mbs 1 --accum 2 --warmup 3 \
-    --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-auto,0}" > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
+    --steps 2 --state-format int8-moments --gpu-assist "${ASSISTS14:-auto,0}" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} \
+    > "$OUT/assist-14b.jsonl" 2> "$OUT/assist-14b.err"
   for f in assist-4b assist-14b; do
-    fields "$OUT/$f.jsonl" gpu_assist step_s forward_wait_s speculation floor; tail -2 "$OUT/$f.err"
+    fields "$OUT/$f.jsonl" gpu_assist step_s forward_wait_s fwd_bwd_in_step_s boundary_step_s speculation floor; tail -2 "$OUT/$f.err"
   done
   ;;
 accuracy)
@@ -142,7 +144,8 @@ hostacc)
   for where in device host; do
     timeout ${HOSTACC_TIMEOUT:-270} python -m heavylift.benchmark.step --model llama-8b --seq 4096 --mbs 1 --accum 8 \
       --warmup 4 --steps 2 --accumulate $where --gpu-memory-gib ${GPU_MEM:-78.5} > "$OUT/acc-$where.jsonl" 2> "$OUT/acc-$where.err"
-    fields "$OUT/acc-$where.jsonl" accumulate step_s forward_wait_s tail_buckets buckets peak_gpu_gib floor
+    fields "$OUT/acc-$where.jsonl" accumulate step_s forward_wait_s fwd_bwd_in_step_s boundary_step_s tail_buckets \
+      buckets peak_gpu_gib alloc_retries floor
     tail -2 "$OUT/acc-$where.err"
   done
   ;;

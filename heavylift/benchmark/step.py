@@ -73,21 +73,30 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
     if assist != "auto":  # auto: the placement sets it after the first steps
         engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
     spec0 = dict(engine.pipeline.stats)
-    times, waits, norms, retries = [], [], [], 0
+    times, waits, norms, retries, spans, bounds = [], [], [], 0, [], []
     for step in range(a.warmup + a.steps):
         r0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)  # outside the timed window
         torch.cuda.synchronize()
         w0, t = engine.pipeline.wait_seconds, time.perf_counter()
+        events = []
         for _ in range(a.accum):
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
             loss = engine(input_ids=(ids := _batch(cfg, a)), labels=ids).loss
             engine.backward(loss)
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+            t_step = time.perf_counter()
             engine.step()
+        boundary = time.perf_counter() - t_step  # the last micro-step's: the window's norm, clip and dispatch
         torch.cuda.synchronize()
         if step >= a.warmup:
             times.append(time.perf_counter() - t)
             waits.append(engine.pipeline.wait_seconds - w0)
             norms.append(engine.last_step.grad_norm)
             retries += torch.cuda.memory_stats().get("num_alloc_retries", 0) - r0
+            spans.append(sum(s.elapsed_time(e) for s, e in zip(events[::2], events[1::2])) / 1e3)
+            bounds.append(boundary)
     engine.pipeline.wait_all()
     assisting = engine.pipeline.assisting  # auto turns the assist off where ulimit -l cannot pin its state
     return {"clip": clip, "gpu_assist": assist, "assist_share": engine.pipeline.gpu_assist if assisting else 0.0,
@@ -95,6 +104,10 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
             "step_s": statistics.median(times),
             "step_times": [round(x, 3) for x in times],
             "forward_wait_s": statistics.median(waits), "grad_norms": norms, "alloc_retries": retries,
+            # where a step's time goes, beside the floor's parts: the compute stream's span from each forward's
+            # start to its backward's end, summed over the micro-batches (the forward's waits included), and
+            # the host's time in the window's last engine.step()
+            "fwd_bwd_in_step_s": statistics.median(spans), "boundary_step_s": statistics.median(bounds),
             "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0}}
 
 

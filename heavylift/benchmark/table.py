@@ -20,7 +20,8 @@ def combine_ranks(lines: list[dict]) -> dict:
            "tflops": round(sum(r["tflops"] for r in lines) / n, 1),
            "peak_gpu_gib": max(r["peak_gpu_gib"] for r in lines),
            "host_rss_gib": round(sum(r["host_rss_gib"] for r in lines), 2),
-           "forward_wait_s": max(r["forward_wait_s"] for r in lines)}
+           "forward_wait_s": max(r["forward_wait_s"] for r in lines),
+           **{k: max(r[k] for r in lines) for k in ("fwd_bwd_in_step_s", "boundary_step_s") if k in lines[0]}}
     out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None
     return out
 
@@ -69,6 +70,7 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
         "heavylift": {"step_over_floor": step["step_s"] / floor_s if (floor_s := step["floor"]["floor_s"]) else None,
                       "over_best_peer": step["tokens_per_s"] / max(ran) if ran else None,
                       "forward_wait_s": step["forward_wait_s"], "speculation": step.get("speculation"),
+                      "fwd_bwd_in_step_s": step.get("fwd_bwd_in_step_s"), "boundary_step_s": step.get("boundary_step_s"),
                       "tail_buckets": step["tail_buckets"], "buckets": step["buckets"],
                       "blocks_recomputing": step.get("blocks_recomputing"), "placement": step.get("placement", []),
                       "compile": step.get("compile"), "host_rss_now_gib": step.get("host_rss_now_gib")},
@@ -106,7 +108,7 @@ def markdown(result: dict) -> str:
              f"{f['fwd_bwd_s']:.3f}, CPU optimizer {f['cpu_optimizer_s']:.3f}, link {f['link_s']:.3f}), each measured alone)"
              if result["floor_s"] else "floor not measured")
     lines += ["", f"heavylift: {best}; {floor}; exposed optimizer wait {h['forward_wait_s']:.3f} s; GPU tail "
-              f"{h['tail_buckets']}/{h['buckets']} buckets.",
+              f"{h['tail_buckets']}/{h['buckets']} buckets.", *in_step(h),
               f"ceilings floor (matmul rate, kernel rate, duplex link): {result['ceilings_floor']['floor_s']:.3f} s."]
     if h.get("placement"):
         lines += ["", f"heavylift placement (compile {h.get('compile')}, {h.get('blocks_recomputing')} blocks recompute, "
@@ -116,3 +118,12 @@ def markdown(result: dict) -> str:
             f"{n} GPU(s) {w['tokens_per_s']:,.0f} tokens/s ({w['efficiency']:.0%} of linear)"
             for n, w in result["weak_scaling"].items())]
     return "\n".join(lines) + "\n"
+
+
+def in_step(h: dict) -> list[str]:
+    """Where the step's time went (records from before these fields: nothing)."""
+    if h.get("fwd_bwd_in_step_s") is None:
+        return []
+    return [f"within the step: forward+backward {h['fwd_bwd_in_step_s']:.3f} s on the compute stream (each forward's "
+            f"start to its backward's end, waits included), the window's last engine.step() {h['boundary_step_s']:.3f} s "
+            "on the host."]

@@ -31,6 +31,17 @@ def test_assemble_has_the_schema_and_the_ratios():
     assert "3.13x the best peer" in md and "timed out after 420 s" in md and "| heavylift | 1.500 |" in md
 
 
+def test_the_table_says_where_the_step_went_when_the_record_has_it():
+    bare = markdown(assemble(CASE, "NVIDIA H100", "abc", "2026-11-28", CEIL, STEP, {}, {}))
+    assert "within the step" not in bare  # a record from before the fields
+    timed = {**STEP, "fwd_bwd_in_step_s": 1.25, "boundary_step_s": 0.031}
+    r = assemble(CASE, "NVIDIA H100", "abc", "2026-11-28", CEIL, timed, {}, {})
+    assert r["heavylift"]["fwd_bwd_in_step_s"] == 1.25 and r["heavylift"]["boundary_step_s"] == 0.031
+    assert "forward+backward 1.250 s on the compute stream" in markdown(r) and "engine.step() 0.031 s" in markdown(r)
+    two = combine_ranks([{**timed, "floor": STEP["floor"]}, {**timed, "fwd_bwd_in_step_s": 1.4, "floor": STEP["floor"]}])
+    assert two["fwd_bwd_in_step_s"] == 1.4 and two["boundary_step_s"] == 0.031  # the slowest rank's
+
+
 def test_bench_refuses_without_a_gpu(capsys):
     assert main(["bench", "--model", "tiny"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err
