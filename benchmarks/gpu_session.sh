@@ -15,6 +15,7 @@
 #                trained on the bundled data in each of FORMATS (3 fit a call: ~2.5 min each), every bucket's
 #                state on the host (ratio 1.0: the host kernels, not the GPU tail's)
 #   PART=llama8b issue 8: the llama-3-8b shape, fp32 state, seq 4096 x 1 x accum 8 (32K tokens per step)
+#   PART=hostaccmem the live GPU blocks of each accumulation path between micro-batches (benchmarks/hostacc_memory.py)
 #   PART=hostacc issue 8: offload.accumulate device vs host, llama-3-8b shape with accum 8 capped as an 80 GB card
 #   PART=small   issue 8: the small-batch case (8K tokens per step) with the automatic tail against none
 #   PART=largest issue 6: per state format (FORMATS), the largest layer count of the qwen3-14b width the planner
@@ -148,6 +149,10 @@ hostacc)
       buckets peak_gpu_gib alloc_retries floor
     tail -2 "$OUT/acc-$where.err"
   done
+  ;;
+hostaccmem)
+  # what each accumulation path leaves allocated between micro-batches, by the code that allocated it
+  timeout 200 python benchmarks/hostacc_memory.py > "$OUT/hostacc_memory.log" 2>&1; tail -40 "$OUT/hostacc_memory.log"
   ;;
 small)
   # 8K tokens per step: the CPU optimizer bounds it; what the automatic GPU tail buys against no tail
