@@ -15,6 +15,7 @@
 #                trained on the bundled data in each of FORMATS (3 fit a call: ~2.5 min each), every bucket's
 #                state on the host (ratio 1.0: the host kernels, not the GPU tail's)
 #   PART=llama8b issue 8: the llama-3-8b shape, fp32 state, seq 4096 x 1 x accum 8 (32K tokens per step)
+#   PART=saveattn issue 8: engine.save_attention off/on, qwen3-4b seq 4096 x 4 capped as an 80 GB card (GPU_MEM)
 #   PART=hostaccmem the live GPU blocks of each accumulation path between micro-batches (benchmarks/hostacc_memory.py)
 #   PART=hostacc issue 8: offload.accumulate device vs host, llama-3-8b shape with accum 8 capped as an 80 GB card
 #   PART=small   issue 8: the small-batch case (8K tokens per step) with the automatic tail against none
@@ -148,6 +149,16 @@ hostacc)
     fields "$OUT/acc-$where.jsonl" accumulate step_s forward_wait_s fwd_bwd_in_step_s boundary_step_s tail_buckets \
       buckets peak_gpu_gib alloc_retries floor
     tail -2 "$OUT/acc-$where.err"
+  done
+  ;;
+saveattn)
+  # engine.save_attention off and on: qwen3-4b at seq 4096 x 4 (issue 8's case), capped as an 80 GB card
+  for tag in plain saved; do
+    timeout ${SA_TIMEOUT:-270} python -m heavylift.benchmark.step --model qwen3-4b --seq 4096 --mbs 4 --warmup 4 --steps 3 \
+      --gpu-memory-gib ${GPU_MEM:-78.5} $( [ $tag = saved ] && echo --save-attention ) > "$OUT/sa-$tag.jsonl" 2> "$OUT/sa-$tag.err"
+    fields "$OUT/sa-$tag.jsonl" save_attention step_s forward_wait_s fwd_bwd_in_step_s tail_buckets blocks_recomputing \
+      peak_gpu_gib alloc_retries floor
+    tail -2 "$OUT/sa-$tag.err"
   done
   ;;
 hostaccmem)

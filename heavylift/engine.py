@@ -42,6 +42,7 @@ from heavylift.shard.fsdp import apply_fsdp, find_blocks
 from heavylift.shard.gather import gather_full
 from heavylift.shard.layout import first_element, local_shape
 from heavylift.shard.recompute import checkpointed, set_checkpointed
+from heavylift.shard.selective import checkpoint_kwargs
 from heavylift.shard.values import (MaterializedValues, MetaInitValues, SafetensorsValues, init_buffers,
                                     is_meta)
 
@@ -124,7 +125,7 @@ class Engine(InitPlacement):
 
         blocks = find_blocks(model)
         if cfg.activation_checkpointing:
-            kwargs = {"use_reentrant": False}
+            kwargs = checkpoint_kwargs(cfg.save_attention)
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             elif hasattr(model, "gradient_checkpointing_enable"):

@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-ratio", type=float, default=None,
                    help="fraction of params with GPU optimizer state (1 - engine.offload.ratio); default: auto")
     p.add_argument("--no-ac", action="store_true", help="activation checkpointing off")
+    p.add_argument("--save-attention", action="store_true", help="engine.save_attention: a recomputing block also "
+                   "keeps its attention output (2 B x heads x head_dim per token and block)")
     p.add_argument("--no-compile", action="store_true", help="engine.compile off (eager blocks keep more "
                    "activations); default: compiled, as on a CUDA machine")
     p.add_argument("--no-speculate", action="store_true", help="engine.offload.speculate false (no snapshot)")
@@ -101,6 +103,7 @@ def run(argv: list[str]) -> int:
             raise HeavyliftError(f"estimate: --{key.replace('_', '-')} must be > 0, not {value}")
     setup = Setup(gpus_per_node=a.gpus, nodes=a.nodes, seq=a.seq, mbs=a.mbs, accum=a.accum,
                   activation_checkpointing=not a.no_ac, compiled=not a.no_compile, state_format=a.state_format,
+                  save_attention=a.save_attention,
                   speculate=not a.no_speculate, loss_chunk_tokens=a.loss_chunk_tokens,
                   tail_ratio=a.tail_ratio, pin=not a.no_pin, dtype_bytes=4 if a.dtype == "fp32" else 2,
                   compute_dtype=a.dtype, grad_slot=a.grad_slot, host_accumulate=a.accumulate == "host",

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine.gpu_memory_gib for heavylift's run: plan and allocate as on a card this size "
                    "(78.5 for an 80 GB card: the ~79.1 GiB torch reports, less the CUDA context); "
                    "the peers are not capped")
+    p.add_argument("--save-attention", action="store_true",
+                   help="engine.save_attention for heavylift's run: recomputing blocks keep their attention output")
     p.add_argument("--peers-dir", default="", help="folder with anchor_bench.py and wheels/ (the peers' harness)")
     p.add_argument("--peers", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--peer-timeout", type=int, default=420)
@@ -69,7 +71,8 @@ def step_command(a: argparse.Namespace, gpus: int) -> list[str]:
     return [*launcher(gpus), "-m", "heavylift.benchmark.step", "--model", a.model, "--seq", str(a.seq),
             "--mbs", str(a.mbs), "--accum", str(a.accum), "--clip", str(a.clip), "--steps", str(a.steps),
             "--state-format", a.state_format, "--gpu-assist", str(a.gpu_assist),
-            *(["--gpu-memory-gib", str(a.gpu_memory_gib)] if a.gpu_memory_gib else [])]
+            *(["--gpu-memory-gib", str(a.gpu_memory_gib)] if a.gpu_memory_gib else []),
+            *(["--save-attention"] if a.save_attention else [])]
 
 
 def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:

@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--recompute", default="auto", choices=["auto", "all"])
+    ap.add_argument("--save-attention", action="store_true",
+                    help="engine.save_attention: recomputing blocks keep their attention output")
     a = ap.parse_args(argv)
 
     import heavylift
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ec.loss_chunk_tokens = a.loss_chunk_tokens
     ec.offload.accumulate = a.accumulate
     ec.gpu_memory_gib = a.gpu_memory_gib
-    ec.compile, ec.recompute = a.compile, a.recompute
+    ec.compile, ec.recompute, ec.save_attention = a.compile, a.recompute, a.save_attention
     engine = heavylift.initialize(model=model, config=ec, seq_len=a.seq)[0]  # seq: the tail at init, as train
     init_s = time.perf_counter() - t0
     tokens = a.mbs * a.seq * a.accum
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             "tail_buckets": len(engine.buckets) - engine.first_tail, "buckets": len(engine.buckets),
             "host_params": sum(b.spec.numel for b in engine.buckets if b.on_host),
             "cpu_threads": engine.pipeline.cpu_threads, "init_s": round(init_s, 1),
-            "compile": ec.compile, "recompute": ec.recompute,
+            "compile": ec.compile, "recompute": ec.recompute, "save_attention": ec.save_attention,
             "blocks_recomputing": sum(checkpointed(b) for b in (engine.placement.blocks if engine.placement else [])),
             "placement": engine.placement.log if engine.placement else [],
             "host_rss_now_gib": round(host_rss_bytes() / 2**30, 2),

@@ -141,6 +141,10 @@ class EngineConfig:
     # With activation checkpointing on a GPU: "auto" lets blocks stop recomputing once the first steps
     # have measured the memory they would keep (heavylift/offload/placement.py); "all" recomputes every block.
     recompute: str = "auto"
+    # With activation checkpointing: a recomputing block keeps its attention kernel's output and log-sum-exp
+    # and reruns only the rest in backward (heavylift/shard/selective.py). Costs 2 B x heads x head_dim per
+    # token and block on the GPU.
+    save_attention: bool = False
     # torch.compile each decoder block's norms, attention and MLP (heavylift/shard/compile.py): "auto" on
     # CUDA only, "on", "off".
     compile: str = "auto"
@@ -204,6 +208,8 @@ def validate(cfg: EngineConfig) -> EngineConfig:
     _check(f.bucket_params >= 1, "offload.bucket_params", f.bucket_params, "an integer >= 1")
     _check(cfg.recompute in ("auto", "all"), "recompute", cfg.recompute, "auto or all")
     _check(cfg.compile in ("auto", "on", "off"), "compile", cfg.compile, "auto, on or off")
+    _check(cfg.activation_checkpointing or not cfg.save_attention, "save_attention", cfg.save_attention,
+           "false while activation_checkpointing is off (no block recomputes, so there is nothing to keep)")
     _check(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", cfg.loss_chunk_tokens, "0 (off) or an integer >= 1")
     b = cfg.batch
     _check(cfg.gpu_memory_gib is None or cfg.gpu_memory_gib > 0, "gpu_memory_gib", cfg.gpu_memory_gib,

@@ -16,6 +16,7 @@ from heavylift.memory.constants import StateFormat as HostFormat
 from heavylift.memory.model import ModelShape
 from heavylift.offload.nvme import file_bytes, region_layout
 from heavylift.offload.preflight import nvme_split
+from heavylift.shard.selective import saved_bytes_per_token
 from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, tail_param_bytes
 from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS, SELF_TAILED, StateFormat
@@ -48,6 +49,8 @@ class Setup:
     # engine.compile on (CUDA, compile auto|on): a block keeps what kept_block_bytes_per_token counts for its
     # backward instead of the eager block's activations (block_activation_bytes_per_token)
     compiled: bool = False
+    # engine.save_attention: a checkpointed block also keeps its attention output and log-sum-exp
+    save_attention: bool = False
     # engine.loss_chunk_tokens: 0 is the model's own loss (fp32 logits for the whole batch)
     loss_chunk_tokens: int = 8192
     # offload.device: "nvme" keeps the state of the host buckets that do not fit in RAM in files (offload/nvme.py)
@@ -251,6 +254,10 @@ def _tail_param_bytes(setup: Setup) -> float:
     return tail_param_bytes(_tail_format(setup).state_bytes, setup.dtype_bytes, setup.host_accumulate, setup.accum)
 
 
+def _stored_name(setup: Setup) -> str:
+    return "activations: stored block inputs" + (" + attention outputs" if setup.save_attention else "")
+
+
 def block_activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
     """(saved, backward working set) bytes per token of one decoder block, bf16 activations.
 
@@ -289,7 +296,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     weights = db * rank_params
     tail_state = int(_tail_format(setup).state_bytes * tail_params)
     if setup.activation_checkpointing:
-        stored = shape.layers * tokens * h * 2
+        stored = shape.layers * tokens * (h * 2 + (saved_bytes_per_token(shape.q_dim) if setup.save_attention else 0))
         block_run = tokens * (saved + work)
     else:
         stored = shape.layers * tokens * (saved + 2 * h)
@@ -310,13 +317,13 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     elif setup.accum > 1:  # FSDP2 sums each micro-batch into the sharded .grad until the window's last backward
         common["accumulated gradients (bf16 shards, accum > 1)"] = db * rank_params
     loss_phase = {**common, "gathered root unit (embeddings/head)": root_gathered,
-                  "activations: stored block inputs" if setup.activation_checkpointing else
+                  _stored_name(setup) if setup.activation_checkpointing else
                   "activations: every block": stored,
                   "activations: final norm": final_norm,
                   ("loss: bf16 logits + grad, fp32 chunk" if setup.loss_chunk_tokens else
                    "loss: 3 x fp32 [tokens, vocab]"): loss}
     block_phase = {**common, "gathered root unit + its unsharded grad": 2 * root_gathered,
-                   "activations: stored block inputs" if setup.activation_checkpointing else
+                   _stored_name(setup) if setup.activation_checkpointing else
                    "activations: every block": stored,
                    "activations: one block, recomputed + backward": block_run,
                    "gathered block (+prefetch, grad, fp32 RS)": gathered_block,

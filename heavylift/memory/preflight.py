@@ -36,7 +36,8 @@ def setup_for_engine(e, seq_len: int, cuda: bool, load_bytes: int = 0) -> Setup:
                  nvme_ratio=e.offload.nvme_ratio, nvme_buffers=e.offload.nvme_buffers,
                  # auto: the share is chosen at run time; the planner needs only that every buffer is pinned
                  gpu_assist=float(assist_wanted(e.offload, cuda)) if e.offload.gpu_assist == "auto" else e.offload.gpu_assist,
-                 compiled=cuda and e.compile != "off", host_accumulate=e.offload.accumulate == "host")
+                 compiled=cuda and e.compile != "off", host_accumulate=e.offload.accumulate == "host",
+                 save_attention=e.save_attention)
 
 
 def estimate_assisted(model, setup: Setup, machine: Machine, rates=None, auto: bool = False) -> Plan:

@@ -22,7 +22,7 @@ KEYS = [
     "engine.offload.speculate", "engine.offload.bucket_params", "engine.offload.kernel",
     "engine.offload.state_format", "engine.offload.grad_slot", "engine.offload.accumulate",
     "engine.batch.micro_batch_size", "engine.batch.grad_accum",
-    "engine.activation_checkpointing", "engine.recompute", "engine.compile", "engine.loss_chunk_tokens", "engine.gpu_memory_gib", "engine.seed",
+    "engine.activation_checkpointing", "engine.recompute", "engine.save_attention", "engine.compile", "engine.loss_chunk_tokens", "engine.gpu_memory_gib", "engine.seed",
 ]
 SUBCOMMANDS = {"train", "report", "estimate", "export", "bench"}
 
@@ -65,11 +65,11 @@ def test_cli_subcommands_are_frozen(capsys):
     assert set(seen) == SUBCOMMANDS
 
 
-ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac", "--no-compile",
+ESTIMATE_FLAGS = ["--model", "--gpus", "--nodes", "--seq", "--mbs", "--accum", "--tail-ratio", "--no-ac", "--save-attention", "--no-compile",
                   "--no-speculate", "--no-pin", "--state-format", "--grad-slot", "--accumulate", "--loss-chunk-tokens", "--dtype", "--gpu-mem-gib",
                   "--host-mem-gib", "--nvme", "--nvme-free-gib", "--nvme-ratio", "--nvme-buffers", "--gpu-assist",
                   "--nvme-gbs", "--gpu-tflops", "--cpu-params-per-s", "--link-gbs"]
-BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--gpu-assist", "--gpu-memory-gib",
+BENCH_FLAGS = ["--model", "--gpus", "--seq", "--mbs", "--accum", "--clip", "--steps", "--state-format", "--gpu-assist", "--gpu-memory-gib", "--save-attention",
                "--peers-dir",
                "--peers", "--peer-timeout", "--budget-s", "--out"]
 

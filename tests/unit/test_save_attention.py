@@ -1,0 +1,89 @@
+"""engine.save_attention: recomputing blocks keep the attention kernel's output, run it once per forward
+instead of twice, and give the same bits (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heavylift
+from heavylift.config import EngineConfig
+from heavylift.memory.plan import Setup, plan
+from heavylift.memory.model import model_shape
+from heavylift.shard.selective import ATTENTION_OPS, checkpoint_kwargs, saved_bytes_per_token
+from tests.support.equivalence import tiny_model
+
+CPU_KERNEL = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def _attention_runs(fn) -> int:
+    """How many times ``fn`` runs the CPU attention kernel (forward and recompute; not its backward): the
+    kernel's profiler events that allocate an output. Under the checkpoint's dispatch modes the op also
+    shows as an outer event around the mode, and in a recompute served from the cache with no allocation."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events()
+               if e.name == CPU_KERNEL and any(c.name.startswith("aten::empty") for c in e.cpu_children))
+
+
+def _grads(save: bool):
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(save))
+    model.train()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    runs = _attention_runs(step)
+    return runs, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_attention_runs_once_per_forward_and_the_gradients_keep_their_bits():
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in ATTENTION_OPS
+    plain_runs, plain = _grads(False)
+    saved_runs, saved = _grads(True)
+    layers = tiny_model().config.num_hidden_layers
+    assert plain_runs == 2 * layers and saved_runs == layers  # forward + recompute, against forward alone
+    for n in plain:
+        assert torch.equal(plain[n], saved[n]), n
+
+
+def test_the_engine_trains_the_same_bits_with_it():
+    def masters(save: bool):
+        ec = EngineConfig()
+        ec.precision.dtype = "fp32"
+        ec.save_attention = save
+        engine = heavylift.initialize(model=tiny_model(), config=ec)[0]
+        try:
+            g = torch.Generator().manual_seed(2)
+            for _ in range(2):
+                ids = torch.randint(0, 64, (2, 16), generator=g)
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                engine.step()
+            return engine.master_weights()
+        finally:
+            engine.close()
+
+    plain, saved = masters(False), masters(True)
+    assert all(torch.equal(plain[n], saved[n]) for n in plain)
+
+
+def test_the_planner_counts_the_saved_outputs():
+    shape = model_shape("qwen3-4b")
+    off, on = (plan(shape, Setup(seq=4096, mbs=4, save_attention=s)) for s in (False, True))
+    extra = shape.layers * 4 * 4096 * saved_bytes_per_token(shape.q_dim)
+    assert saved_bytes_per_token(4096) == 2 * 4096 + 4 * 64  # bf16 output, fp32 log-sum-exp per 64-wide head
+    name = "activations: stored block inputs + attention outputs"
+    assert on.gpu[name] - off.gpu["activations: stored block inputs"] == extra
+    assert on.gpu_peak - off.gpu_peak == extra
+
+
+def test_it_is_refused_without_activation_checkpointing():
+    from heavylift.config.errors import ConfigError
+    from heavylift.config.schema import validate
+
+    ec = EngineConfig()
+    ec.activation_checkpointing, ec.save_attention = False, True
+    with pytest.raises(ConfigError, match="save_attention.*activation_checkpointing is off"):
+        validate(ec)
