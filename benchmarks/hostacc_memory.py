@@ -49,7 +49,7 @@ def live_bytes(where: str, bucket_params: int, depth: int) -> collections.Counte
     ec.compile = "off"
     engine = heavylift.initialize(model=_model(), config=ec)[0]
     g = torch.Generator().manual_seed(1)
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
     snap = None
     for window in range(2):
         for micro in range(4):

@@ -43,3 +43,42 @@ def test_compiled_bf16_is_as_close_to_fp32_as_stock_bf16():
             assert abs(loss - lt) < 0.02 * abs(lt), (name, loss, lt)
     print(f"gradient error against fp32: stock bf16 {worst['stock']:.3e}, compiled bf16 {worst['compiled']:.3e}")
     assert worst["compiled"] <= 1.25 * worst["stock"] + 1e-3
+
+
+def _attention_runs(step) -> tuple[int, set[str]]:
+    """Runs of an SDPA kernel in ``step`` (forward and recompute; not its backward): its profiler events that
+    allocate an output (tests/unit/test_save_attention.py says why), and which kernels they were."""
+    from heavylift.shard.selective import ATTENTION_OPS
+
+    names = {f"aten::{op.name().split('::')[-1]}" for op in ATTENTION_OPS}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    runs = [e.name for e in prof.events()
+            if e.name in names and any(c.name.startswith("aten::empty") for c in e.cpu_children)]
+    return len(runs), set(runs)
+
+
+def test_save_attention_with_compiled_blocks_skips_the_rerun_and_keeps_the_gradients():
+    """engine.save_attention on a GPU, where the attention child is compiled: the checkpoint's selective
+    policy must see inductor's SDPA call, the kernel must run once per forward instead of twice, and the
+    gradients must be those of the plain checkpoint (the cached output is what the rerun would compute;
+    the flash backward may add in another order, so a bf16-sized tolerance)."""
+    from heavylift.shard.selective import checkpoint_kwargs
+
+    result = {}
+    for save in (False, True):
+        m = _model(torch.bfloat16)
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(save))
+        compile_blocks(list(m.model.layers))
+        ids = torch.randint(0, 2048, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
+        _grads(m, ids)  # compiles
+        out = {}
+        runs = _attention_runs(lambda: out.update(zip(("loss", "grads"), _grads(m, ids))))
+        result[save] = (runs, out["loss"], out["grads"])
+    (plain_runs, plain_kernels), plain_loss, plain_grads = result[False]
+    (saved_runs, saved_kernels), saved_loss, saved_grads = result[True]
+    print(f"SDPA kernel runs: plain {plain_runs} {plain_kernels}, saved {saved_runs} {saved_kernels}")
+    assert plain_runs == 2 * saved_runs and saved_runs == 4  # 4 layers: forward + rerun against forward alone
+    assert plain_loss == saved_loss
+    assert ((saved_grads - plain_grads).norm() / plain_grads.norm()).item() < 1e-2
