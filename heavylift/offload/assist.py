@@ -1,7 +1,11 @@
 """GPU assist: after the norm, part of the host buckets step on the GPU while the CPU steps the rest.
 
 A step that did not speculate (it clipped last time, speculation is off, or its second buffer set did not
-fit) can only start its host buckets' AdamW once the global norm is known, after the last backward. The
+fit) can only start its host buckets' AdamW once the global norm is known, after the last backward. A step
+that speculated and clipped must redo that pass after the norm too. With double buffers (the native kernel)
+its state is still the step's input, so the assist takes its share of the redo the same way (its weights
+are written after the speculative upload has landed; those buckets then take the road that did not
+speculate, torch's AdamW for fp32, rather than the native redo). The
 CPU then steps every host bucket in forward order and the next forward follows it layer by layer: the
 part of that pass the forward cannot hide is exposed (session 4, qwen3-14b on one H200: 2.3 s of a
 5.1 s step). With ``offload.gpu_assist`` f > 0, a fixed, interleaved share f of those buckets (by

@@ -272,7 +272,7 @@ class OffloadPipeline(FloorProbes):
         norm = math.sqrt(total_sq) * self.inv_scale if not found_inf else float("inf")
         coef = 1.0 if found_inf else clip_coefficient(norm, max_norm)
         self._last_committed = not found_inf and coef == 1.0
-        gpu = self._assisted_now()
+        gpu = self._assisted_now(redo=not found_inf and coef != 1.0)
         # Forward order: the next forward needs the first layers first, so step those first.
         for b in reversed(range(len(self.buckets))):
             bucket, pend = self.buckets[b], self._pending[b]
@@ -295,10 +295,17 @@ class OffloadPipeline(FloorProbes):
         """The GPU assist's thread exists (offload.gpu_assist > 0, or auto on a CUDA device)."""
         return self._assist is not None
 
-    def _assisted_now(self) -> set[int]:
-        """The RAM buckets the GPU steps in this step (offload/assist.py): only in a step that did not
-        speculate, where the CPU's pass would otherwise start after the norm alone."""
-        if self._assist is None or self._speculate_now:
+    @property
+    def redo_assisted(self) -> bool:
+        """Whether a clipped step that speculated shares its redo with the GPU as a step that did not speculate
+        shares its pass: with double buffers, speculation left each bucket's state untouched, so the assist
+        steps it from there like any other (it waits for the speculative upload before writing the weights)."""
+        return self._assist is not None and self._double_buffered
+
+    def _assisted_now(self, redo: bool) -> set[int]:
+        """The RAM buckets the GPU steps in this step (offload/assist.py): where the CPU's pass would otherwise
+        start after the norm alone, in a step that did not speculate or (``redo``) a clipped one that did."""
+        if self._assist is None or (self._speculate_now and not (redo and self.redo_assisted)):
             return set()
         ram = [b.spec.index for b in self.buckets if b.on_host and not b.nvme
                and max((p.numel for p in b.spec.params), default=0) <= MAX_SLOT_PARAMS]

@@ -11,7 +11,8 @@ takes whatever is left (state on the GPU never costs GPU time worth speaking of)
     step 2   measured: peak memory, one forward, the CPU kernel's rate mid-backward
              -> gpu_assist auto: the share that balances that rate against the link's, measured now
                 (offload/assist_share.py); a non-speculated post-norm pass is then 1/(1-share) times shorter
-             -> tail grows to what hiding a clipped step needs (offload/tail.py tail_for_hiding)
+             -> tail grows to what hiding a clipped step needs (offload/tail.py tail_for_hiding), at the
+                rate of the pass the assist shares
              -> one block stops recomputing; a probe records what it keeps (shard/recompute.py)
     step 3   measured: the new peak -> as many more blocks stop recomputing as the spare memory holds
     step 4   measured: the new peak -> the tail grows into what is left (tail_budget_params)
@@ -120,11 +121,15 @@ class AutoPlacement:
             # (a rank without host buckets has nothing to assist: it offers 1, above any share, so it does not veto)
             agreed = e._min_over_ranks(int((share if host else 1.0) * 1e6), "gpu_assist share all-reduce") / 1e6
             p.gpu_assist = agreed if agreed < 1.0 else 0.0
-            # The tail below is still sized for the CPU alone: a clipped step that had speculated redoes its
-            # pass without the assist (only the steps after it are assisted), and NVMe buckets never are.
             self._note(f"gpu_assist {p.gpu_assist:.2f}: CPU {rate / 1e9:.2f} G params/s against the link's "
                        f"{link / 1e9:.1f} GB/s up (a non-speculated post-norm pass {pass_speedup(p.gpu_assist):.2f}x "
                        "shorter)")
+        # A clipped step's pass after the norm is shared with the assist: every one that did not speculate,
+        # and with double buffers the redo of one that did. So hiding plans with the shared pass's rate,
+        # except where NVMe buckets (never assisted) are in the pass or the redo would be the CPU's alone.
+        hide_rate = rate
+        if p.assisting and p.gpu_assist > 0 and p.redo_assisted and e.first_ram == 0:
+            hide_rate = rate * pass_speedup(p.gpu_assist)
         if self.tail:
             has_say = bool(host) and rate > 0
             need = fits = 0
@@ -133,7 +138,7 @@ class AutoPlacement:
                 for b in e.buckets:
                     unit_numels[b.spec.unit] = unit_numels.get(b.spec.unit, 0) + b.spec.numel
                 deadlines = forward_deadlines([b.spec.unit for b in host], unit_numels, max(unit_numels), fwd)
-                need = tail_for_hiding([b.spec.numel for b in host], deadlines, rate)
+                need = tail_for_hiding([b.spec.numel for b in host], deadlines, hide_rate)
                 fits = buckets_to_move([b.spec.numel for b in host], int(max(spare, 0) // self.tail_bytes))
             # the steps are synchronous: the rank slowest to hide sets everyone's wait (the largest need), and
             # no rank may run out of memory (the smallest fit); a rank with no say offers -1 and NO_SAY
@@ -145,9 +150,10 @@ class AutoPlacement:
                 spare -= int(moved * self.tail_bytes)
                 e.grow_tail(n)
                 over = " over the ranks" if e.env.world_size > 1 else ""
+                shared = f" ({hide_rate / 1e9:.2f} with the assist)" if hide_rate != rate else ""
                 self._note(f"tail +{n} buckets ({moved / 1e9:.2f} B params) to hide a clipped step: CPU "
-                           f"{rate / 1e9:.2f} G params/s, forward {fwd:.3f} s (hiding needs {need}, memory fits "
-                           f"{fits}{over})")
+                           f"{rate / 1e9:.2f} G params/s{shared}, forward {fwd:.3f} s (hiding needs {need}, memory "
+                           f"fits {fits}{over})")
         if self.recompute and self._agreed(int(spare > 0), "activation probe"):
             block = self.blocks[-1]
             set_checkpointed(block, False)

@@ -86,7 +86,8 @@ def _worker(rank, world, port, out, tests_dir):
     e = _engine(rank, world, numels)
     for b, u in zip(e.buckets, units):
         b.spec.unit = u
-    e.pipeline = types.SimpleNamespace(cpu_params=rate, cpu_seconds=1.0)
+    e.pipeline = types.SimpleNamespace(cpu_params=rate, cpu_seconds=1.0, assisting=False, gpu_assist=0.0,
+                                       redo_assisted=False)
     p = _placement(e, [])
     p.assist, p.recompute, p._spare, p._forward_s, p._note = False, False, lambda: spare, lambda: 0.2, lambda _: None
     p._stage2()
