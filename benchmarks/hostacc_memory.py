@@ -2,7 +2,8 @@
 
 tests/gpu/test_gpu_engine.py found host accumulation holding more between micro-batches than device
 accumulation (session 9: 97.2 against 85.8 MiB), where it should hold about the host buckets' gradients
-less. This runs the test's setup for each path with the allocator's history on, takes a snapshot after the
+less. A code review found the cause (the device run's closed engine leaked through its hooks, since
+fixed); this shows what each path holds now. This runs the test's setup for each path with the allocator's history on, takes a snapshot after the
 third micro-batch of the second window, and prints the live bytes grouped by the stream and the innermost
 frames of heavylift or torch.distributed that allocated them, with the two paths side by side.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import pathlib
 import sys
 
@@ -47,9 +49,10 @@ def live_bytes(where: str, bucket_params: int, depth: int) -> collections.Counte
     ec.offload.ratio, ec.offload.accumulate, ec.offload.bucket_params = 0.75, where, bucket_params
     ec.batch.grad_accum = 4
     ec.compile = "off"
+    gc.collect()  # the other path's closed engine
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
     engine = heavylift.initialize(model=_model(), config=ec)[0]
     g = torch.Generator().manual_seed(1)
-    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
     snap = None
     for window in range(2):
         for micro in range(4):

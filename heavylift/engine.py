@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from heavylift.config.errors import ConfigError
+from heavylift.config.errors import ConfigError, HeavyliftError
 from heavylift.config.schema import EngineConfig, validate
 from heavylift.dist.env import DistEnv, init_dist
 from heavylift.engine_placement import InitPlacement
@@ -42,7 +42,7 @@ from heavylift.shard.fsdp import apply_fsdp, find_blocks
 from heavylift.shard.gather import gather_full
 from heavylift.shard.layout import first_element, local_shape
 from heavylift.shard.recompute import checkpointed, set_checkpointed
-from heavylift.shard.selective import checkpoint_kwargs
+from heavylift.shard.selective import checkpoint_kwargs, dropout_in
 from heavylift.shard.values import (MaterializedValues, MetaInitValues, SafetensorsValues, init_buffers,
                                     is_meta)
 
@@ -114,8 +114,6 @@ class Engine(InitPlacement):
         self.grad_slot = grad_slot.resolve(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype)
         self.dtype = _DTYPES[cfg.precision.dtype]
         if cfg.offload.accumulate == "host" and (why := grad_slot.host_sums_refused(self.grad_slot, cfg.precision.dtype)):
-            from heavylift.config.errors import HeavyliftError
-
             raise HeavyliftError(why)
         self.scaler = LossScaler.from_config(cfg.precision)
         self.micro_step = 0
@@ -124,6 +122,10 @@ class Engine(InitPlacement):
         self.last_step: StepResult | None = None
 
         blocks = find_blocks(model)
+        if cfg.save_attention and (why := dropout_in(model)):
+            raise HeavyliftError(f"engine.save_attention: the model trains with dropout ({why}); a recompute that "
+                                 "skips the attention kernel would draw other random numbers than its forward. "
+                                 "Set engine.save_attention false, or the dropout to 0.")
         if cfg.activation_checkpointing:
             kwargs = checkpoint_kwargs(cfg.save_attention)
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -239,15 +241,18 @@ class Engine(InitPlacement):
         )
         self.optimizer = OffloadedAdamW(groups, slot_of, self._optimizer_step, settle=lambda: self.pipeline.wait_all())
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.schedule)
-        for bucket in self.buckets:
-            for slot in bucket.slots:
-                slot.device_param.register_post_accumulate_grad_hook(self.pipeline.on_grad)
+        # Kept to be removed at close: a tensor's post-accumulate-grad hooks are held from C++, where Python's
+        # collector cannot see the cycle parameter -> hook -> pipeline -> engine -> model -> parameter, so a
+        # closed engine (its weights and GPU-tail state) would otherwise live as long as the process.
+        self._hooks = [slot.device_param.register_post_accumulate_grad_hook(self.pipeline.on_grad)
+                       for bucket in self.buckets for slot in bucket.slots]
         unit_buckets: dict[int, list[int]] = {}
         for b in self.buckets:
             unit_buckets.setdefault(b.spec.unit, []).append(b.spec.index)
         for u, module in enumerate([*blocks, model]):
             idx = unit_buckets.get(u, [])
-            module.register_forward_pre_hook(lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True)
+            self._hooks.append(module.register_forward_pre_hook(
+                lambda _m, _a, idx=idx: self.pipeline.wait_buckets(idx), prepend=True))
         self.first_tail = first_tail
         self.first_ram = first_ram
         self.blocks = blocks
@@ -272,7 +277,6 @@ class Engine(InitPlacement):
         return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16" if bf16 else "fp32"))
 
     def _native_kernel(self, required: bool = False):
-        from heavylift.config.errors import HeavyliftError
         from heavylift.optim import native
 
         module = native.load()
@@ -451,6 +455,9 @@ class Engine(InitPlacement):
     def close(self) -> None:
         self.pipeline.wait_all()
         self.pipeline.close()
+        for h in self._hooks:  # the model may outlive the engine: it must no longer call into it
+            h.remove()
+        self._hooks = []
         if torch.cuda.is_available():
             torch.cuda.synchronize(self.device)
         for bucket in self.buckets:

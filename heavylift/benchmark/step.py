@@ -86,6 +86,8 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
             engine.backward(loss)
             events.append(torch.cuda.Event(enable_timing=True))
             events[-1].record()
+            if len(events) == 2 * a.accum:
+                events[-1].synchronize()  # the backward's GPU work ends here, not inside the boundary's step
             t_step = time.perf_counter()
             engine.step()
         boundary = time.perf_counter() - t_step  # the last micro-step's: the window's norm, clip and dispatch

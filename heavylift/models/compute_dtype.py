@@ -31,8 +31,16 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 192, reps: int = 3) -> float:
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_slowdown() -> float:
     """How many times slower this CPU's bf16 matmul is than its fp32 one (measured once; a few ms, or
-    ~20 ms where bf16 is emulated)."""
-    return _matmul_seconds(torch.bfloat16) / max(_matmul_seconds(torch.float32), 1e-9)
+    ~20 ms where bf16 is emulated). On one thread: the kernels' own speed. With the process's threads, a
+    small fp32 matmul on a 2-core VM sometimes waited ~12 ms per call for a thread (against 0.2 ms), which
+    made emulated bf16 look 2-3x *faster* and sent the embedded default run to the 18x slower dtype; on one
+    thread the same box measured 14-22x slower, every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _matmul_seconds(torch.bfloat16) / max(_matmul_seconds(torch.float32), 1e-9)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resolve_dtype(requested: str, cuda: bool) -> str:

@@ -131,6 +131,9 @@ class GpuAssist:
                 ev.record(self.down)
                 p._upload_ev[b] = ev
         p.stats["assisted"] += 1
+        if pend.spec_ok:  # a clipped speculated step's redo, taken over from the CPU
+            p.stats["redone"] += 1
+            p.stats["redo_assisted"] += 1
 
     def _slot(self, s: Slot, bucket: BucketState, inv_scale: float, coef: float) -> None:
         count = int(s.step)  # the host's count: no read-back from the device, which would wait

@@ -112,7 +112,8 @@ class OffloadPipeline(FloorProbes):
         for ev in self._final:
             ev.set()
         self._pending: list[_Pending] = [_Pending() for _ in buckets]
-        self.stats = {"speculated": 0, "redone": 0, "undone": 0, "assisted": 0}  # buckets, over the run
+        # buckets, over the run; redo_assisted: redone buckets the assist stepped (counted in redone and assisted)
+        self.stats = {"speculated": 0, "redone": 0, "undone": 0, "assisted": 0, "redo_assisted": 0}
         self.wait_seconds = 0.0  # autograd thread blocked in forward pre-hooks (exposed optimizer time)
         self.cpu_seconds, self.cpu_params = 0.0, 0  # CPU steps: their measured rate
         self._link_down = self._link_up = 0  # bytes copied device->host (autograd thread), host->device (worker)

@@ -112,6 +112,7 @@ class AutoPlacement:
         p = e.pipeline
         rate = p.cpu_params / p.cpu_seconds if p.cpu_seconds > 0 else 0.0
         host = e.buckets[: e.first_tail]
+        balanced = self.assist  # gpu_assist auto: the share set below balances the CPU against the link
         if self.assist:  # on every rank, host buckets or not (shards differ): the share is agreed below
             self.assist = False
             p.wait_all()  # the link alone: the step's own uploads done (once, at this step)
@@ -127,8 +128,10 @@ class AutoPlacement:
         # A clipped step's pass after the norm is shared with the assist: every one that did not speculate,
         # and with double buffers the redo of one that did. So hiding plans with the shared pass's rate,
         # except where NVMe buckets (never assisted) are in the pass or the redo would be the CPU's alone.
+        # Only a share auto balanced: a hand-set one above the balance makes the link the bound, and
+        # 1/(1-f) would then overstate the pass's speed.
         hide_rate = rate
-        if p.assisting and p.gpu_assist > 0 and p.redo_assisted and e.first_ram == 0:
+        if balanced and p.gpu_assist > 0 and p.redo_assisted and e.first_ram == 0:
             hide_rate = rate * pass_speedup(p.gpu_assist)
         if self.tail:
             has_say = bool(host) and rate > 0

@@ -14,6 +14,10 @@ the ``context_fn`` of the non-reentrant checkpoint that transformers' per-layer 
 sees the ops as they dispatch, and compiled children included: inductor calls the attention kernel as an
 ATen op. A block that the placement lets keep all its activations does not checkpoint, so this does not
 apply to it. The saved values are the ones the rerun would compute, so the gradients are the same bits.
+
+Not with dropout: the rerun replays the forward's random numbers from a saved RNG state, and an attention
+kernel served from the cache draws none, so every random op after it in the block would draw other numbers
+than its forward did. ``dropout_in`` finds what would make that so, and the engine refuses the setting.
 """
 
 from __future__ import annotations
@@ -48,6 +52,18 @@ def checkpoint_kwargs(save_attention: bool) -> dict:
     if save_attention:
         kwargs["context_fn"] = attention_saving_context
     return kwargs
+
+
+def dropout_in(model: torch.nn.Module) -> str | None:
+    """What in ``model`` draws random numbers in training (a dropout layer or an attention dropout above 0),
+    or None."""
+    p = float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0)
+    if p > 0:
+        return f"config.attention_dropout = {p:g}"
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"{name} ({type(m).__name__}, p = {m.p:g})"
+    return None
 
 
 def saved_bytes_per_token(q_dim: int, head_dim: int = 64, dtype_bytes: int = 2) -> int:

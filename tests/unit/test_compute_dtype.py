@@ -50,3 +50,17 @@ def test_engine_resolves_auto_and_leaves_the_callers_config(monkeypatch, slowdow
         assert {p.dtype for p in engine.module.parameters()} == {torch_dtype}
     finally:
         engine.close()
+
+
+def test_the_measurement_runs_on_one_thread_and_gives_the_threads_back(monkeypatch):
+    """The comparison times the kernels on one thread (a multi-threaded small matmul can wait on a thread for
+    longer than it computes) and leaves the process's thread count as it was."""
+    seen = []
+    monkeypatch.setattr(compute_dtype, "_matmul_seconds", lambda dtype: seen.append(torch.get_num_threads()) or 1e-3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert compute_dtype.cpu_bf16_slowdown.__wrapped__() == 1.0
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -87,3 +87,20 @@ def test_it_is_refused_without_activation_checkpointing():
     ec.activation_checkpointing, ec.save_attention = False, True
     with pytest.raises(ConfigError, match="save_attention.*activation_checkpointing is off"):
         validate(ec)
+
+
+def test_it_is_refused_for_a_model_that_trains_with_dropout():
+    from heavylift.config.errors import HeavyliftError
+    from heavylift.shard.selective import dropout_in
+
+    assert dropout_in(tiny_model()) is None
+    model = tiny_model()
+    model.config.attention_dropout = 0.1
+    assert dropout_in(model) == "config.attention_dropout = 0.1"
+    model = tiny_model()
+    model.model.layers[1].mlp.drop = torch.nn.Dropout(0.2)
+    assert "model.layers.1.mlp.drop (Dropout, p = 0.2)" == dropout_in(model)
+    ec = EngineConfig()
+    ec.precision.dtype, ec.save_attention = "fp32", True
+    with pytest.raises(HeavyliftError, match="save_attention: the model trains with dropout.*Set engine.save_attention false"):
+        heavylift.initialize(model=model, config=ec)
