@@ -26,6 +26,7 @@
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
 # HEAVYLIFT_COMMIT names the commit (the tree travels without .git). Logs land in $OUT.
+# SAVE_ATTN=1 (bench) runs heavylift with engine.save_attention.
 # GPU_MEM=78.5 (bench, llama8b, small, assist) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
 # GPU_CARD=79.1 (largest; an 80 GB card as torch reports it) plans and tries the largest model for a card of that size.
 set -uo pipefail
@@ -47,7 +48,7 @@ bench)
   timeout ${BENCH_TIMEOUT:-480} python -m heavylift bench --model qwen3-4b --seq 4096 --mbs 4 --steps 3 \
     --peers-dir .bench/bench --peers "${PEERS:-fsdp2-offload,deepspeed-zero3-offload,deepspeed-superoffload}" \
     --peer-timeout "${PEER_TIMEOUT:-110}" --budget-s "${BENCH_BUDGET:-0}" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} \
-    --out "$OUT/r" > "$OUT/bench.log" 2>&1
+    ${SAVE_ATTN:+--save-attention} --out "$OUT/r" > "$OUT/bench.log" 2>&1
   # FLOOR=0 skips the shared floor probe (the stock model's fwd+bwd), when an earlier call on the box has it
   [ "${FLOOR:-1}" = 0 ] || (cd .bench/bench && timeout 100 python floor_probe.py) > "$OUT/floor_probe.log" 2>&1
   tail -25 "$OUT/bench.log"; tail -2 "$OUT/floor_probe.log" 2>/dev/null
