@@ -16,11 +16,11 @@ from heavylift.memory.constants import StateFormat as HostFormat
 from heavylift.memory.model import ModelShape
 from heavylift.offload.nvme import file_bytes, region_layout
 from heavylift.offload.preflight import nvme_split
-from heavylift.shard.selective import saved_bytes_per_token
 from heavylift.offload.tail import MARGIN_BYTES, MARGIN_FRACTION, buckets_to_move, tail_param_bytes
 from heavylift.optim import grad_slot
 from heavylift.optim.formats import FORMATS, SELF_TAILED, StateFormat
 from heavylift.optim.quant import BLOCK
+from heavylift.shard.selective import saved_bytes_per_token
 
 
 @dataclass(frozen=True)

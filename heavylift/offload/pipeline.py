@@ -67,6 +67,7 @@ class _Pending:
     """One bucket's share of the current optimizer step."""
 
     active: list[Slot] = field(default_factory=list)  # slots that received a gradient
+    index: list[int] = field(default_factory=list)  # their indices in the bucket (host accumulation's keys)
     grads: list[Tensor] = field(default_factory=list)  # device grads, alive until copied
     dispatched: bool = False
     speculated: threading.Event = field(default_factory=threading.Event)
@@ -157,6 +158,7 @@ class OffloadPipeline(FloorProbes):
             return  # otherwise FSDP2 keeps summing into the sharded .grad
         bucket, pend = self.buckets[b], self._pending[b]
         pend.active.append(bucket.slots[i])
+        pend.index.append(i)
         pend.grads.append(local_of(param.grad))
         param.grad = None
         if len(pend.active) == len(bucket.slots):
@@ -182,16 +184,18 @@ class OffloadPipeline(FloorProbes):
         """Slots whose hook did not fire in the window's last backward but that got a gradient in an earlier
         micro-batch (a MoE expert no token of the last one picked): the window's sum is what FSDP2 kept in
         ``.grad`` (or the host slot's partial sum), and AdamW steps it, as torch's does."""
-        got = {id(s) for s in pend.active}
+        got = set(pend.index)
         for i, s in enumerate(self.buckets[b].slots):
-            if id(s) in got or s.device_param is None:
+            if i in got or s.device_param is None:
                 continue
             if s.device_param.grad is not None:
                 pend.active.append(s)
+                pend.index.append(i)
                 pend.grads.append(local_of(s.device_param.grad))
                 s.device_param.grad = None
             elif self._accumulator is not None and self._accumulator.holds(b, i):
                 pend.active.append(s)
+                pend.index.append(i)
                 pend.grads.append(None)  # the sum is the slot's partial alone
 
     def _dispatch(self, b: int) -> None:
@@ -253,8 +257,7 @@ class OffloadPipeline(FloorProbes):
 
     def _window_totals(self, b: int, pend: _Pending) -> list[Tensor | None]:
         """Host accumulation: each slot's gradient for the whole window, on the device (the current stream)."""
-        index = {id(s): i for i, s in enumerate(self.buckets[b].slots)}
-        return [self._accumulator.total(b, index[id(s)], s, g) for s, g in zip(pend.active, pend.grads)]
+        return [self._accumulator.total(b, i, s, g) for i, s, g in zip(pend.index, pend.active, pend.grads)]
 
     # ---- autograd thread: validation and commit -----------------------------------------------
     @torch.no_grad()
