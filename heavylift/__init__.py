@@ -5,7 +5,15 @@ host memory, and the CPU optimizer steps each bucket while the GPU is still in b
 """
 
 from heavylift.config.schema import EngineConfig
-from heavylift.engine import Engine, initialize
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "EngineConfig", "initialize", "__version__"]
+
+
+def __getattr__(name: str):
+    """``Engine`` and ``initialize`` import torch on first use, not with the package: the command line
+    (cli.main) sets the CUDA allocator's environment before torch is imported (cuda_allocator.py)."""
+    if name in ("Engine", "initialize"):
+        from heavylift import engine
+        return getattr(engine, name)
+    raise AttributeError(f"module 'heavylift' has no attribute {name!r}")

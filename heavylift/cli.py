@@ -18,9 +18,11 @@ import os
 import sys
 
 from heavylift.config.errors import ConfigError, HeavyliftError
+from heavylift.cuda_allocator import prefer_expandable_segments
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_expandable_segments()  # before anything imports torch; the bench's processes inherit it
     parser = argparse.ArgumentParser(prog="heavylift", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune a model (no arguments: the embedded default run)",

@@ -20,6 +20,7 @@ from torch import nn
 
 from heavylift.config.errors import ConfigError, HeavyliftError
 from heavylift.config.schema import EngineConfig, validate
+from heavylift.cuda_allocator import allocator_note
 from heavylift.dist.env import DistEnv, init_dist
 from heavylift.engine_placement import InitPlacement
 from heavylift.models.compute_dtype import cpu_bf16_slowdown, resolve_dtype
@@ -259,6 +260,8 @@ class Engine(InitPlacement):
         if self.env.is_main:
             log.info("offload: %s", grad_slot.why(cfg.offload.grad_slot, cfg.offload.state_format, cfg.precision.dtype))
             log.info("optimizer state: %s", self.describe_placement())
+            if self.device.type == "cuda":
+                log.info("%s", allocator_note())
         self.placement = None
         if self.device.type == "cuda":
             self.placement = AutoPlacement(self, blocks, tail=cfg.offload.ratio is None,

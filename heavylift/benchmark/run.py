@@ -23,6 +23,7 @@ import time
 from heavylift.benchmark.peers import MODES, install_wheels, json_records, launcher, run_peer
 from heavylift.benchmark.table import assemble, markdown
 from heavylift.config.errors import HeavyliftError
+from heavylift.cuda_allocator import given_setting
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,7 +169,7 @@ def run(a: argparse.Namespace) -> int:
         by_gpus[n], step_notes[n] = step_record(proc, cmd)
     step = by_gpus[gpus]
     case = {"shape": a.model, "seq": a.seq, "micro_batch": a.mbs, "accumulation": a.accum, "clip": a.clip,
-            "state_format": a.state_format, "gpus": gpus,
+            "state_format": a.state_format, "gpus": gpus, "cuda_alloc_conf": given_setting(),
             **({"gpu_memory_gib": a.gpu_memory_gib} if a.gpu_memory_gib else {})}
     date = datetime.date.today().isoformat()
     card = ceilings["card"]

@@ -16,6 +16,10 @@ once and the slowest rank's kept).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a program: heavylift's allocator setting goes in before torch is imported
+    from heavylift.cuda_allocator import prefer_expandable_segments
+    prefer_expandable_segments()
+
 import argparse
 import json
 import resource
@@ -25,6 +29,7 @@ import time
 
 import torch
 
+from heavylift.cuda_allocator import given_setting
 from heavylift.metrics import host_rss_bytes
 from heavylift.shard.recompute import checkpointed
 
@@ -74,7 +79,10 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
         engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
     spec0 = dict(engine.pipeline.stats)
     times, waits, norms, retries, spans, bounds = [], [], [], 0, [], []
+    cpu0 = (0, 0.0)
     for step in range(a.warmup + a.steps):
+        if step == a.warmup:  # the CPU kernel's rate over the timed steps (a bucket in flight now counts in them)
+            cpu0 = (engine.pipeline.cpu_params, engine.pipeline.cpu_seconds)
         r0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)  # outside the timed window
         torch.cuda.synchronize()
         w0, t = engine.pipeline.wait_seconds, time.perf_counter()
@@ -101,6 +109,7 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
             bounds.append(boundary)
     engine.pipeline.wait_all()
     assisting = engine.pipeline.assisting  # auto turns the assist off where ulimit -l cannot pin its state
+    cpu_params, cpu_s = engine.pipeline.cpu_params - cpu0[0], engine.pipeline.cpu_seconds - cpu0[1]
     return {"clip": clip, "gpu_assist": assist, "assist_share": engine.pipeline.gpu_assist if assisting else 0.0,
             "assisting": assisting,
             "step_s": statistics.median(times),
@@ -110,6 +119,9 @@ def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dic
             # start to its backward's end, summed over the micro-batches (the forward's waits included), and
             # the host's time in the window's last engine.step()
             "fwd_bwd_in_step_s": statistics.median(spans), "boundary_step_s": statistics.median(bounds),
+            # the CPU kernel as the worker ran it in the timed steps (beside the backward and the next forward),
+            # to hold against the floor's cpu_optimizer_s, which runs it alone
+            "cpu_params_per_s_in_steps": cpu_params / cpu_s if cpu_s > 0 else None,
             "speculation": {k: engine.pipeline.stats[k] - spec0[k] for k in spec0}}
 
 
@@ -215,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=4, help="steps before timing (the automatic placement "
-                    "settles after step 4)")
+    ap.add_argument("--warmup", type=int, default=6, help="steps before timing (the automatic placement "
+                    "settles after step 4; an auto assist share's first check against the CPU's rate is at step 6)")
     ap.add_argument("--clip", default="1.0", help="comma-separated clip values, one measured phase each (0: off)")
     ap.add_argument("--speculate", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=-1.0, help="offload.ratio; < 0: automatic")
@@ -302,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "floor": {k: None if v is None else round(v, 4) for k, v in floor.items()},
             "card": torch.cuda.get_device_name(), "torch": torch.__version__, "stage": stage,
+            "cuda_alloc_conf": given_setting(),
         }
         for ph in phases:
             out = {**common, **ph, "tokens_per_s": round(tokens / ph["step_s"], 1),

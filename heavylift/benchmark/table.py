@@ -73,7 +73,11 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
                       "fwd_bwd_in_step_s": step.get("fwd_bwd_in_step_s"), "boundary_step_s": step.get("boundary_step_s"),
                       "tail_buckets": step["tail_buckets"], "buckets": step["buckets"],
                       "blocks_recomputing": step.get("blocks_recomputing"), "placement": step.get("placement", []),
-                      "compile": step.get("compile"), "host_rss_now_gib": step.get("host_rss_now_gib")},
+                      "compile": step.get("compile"), "host_rss_now_gib": step.get("host_rss_now_gib"),
+                      "step_times": step.get("step_times"), "alloc_retries": step.get("alloc_retries"),
+                      "cpu_params_per_s_in_steps": step.get("cpu_params_per_s_in_steps"),
+                      "cpu_params_per_s_alone": step["host_params"] / f["cpu_optimizer_s"]
+                      if step.get("host_params") and (f := step["floor"]).get("cpu_optimizer_s") else None},
         "notes": notes,
         "weak_scaling": weak_scaling(scaling) if scaling and len(scaling) > 1 else None,
     }
@@ -91,7 +95,7 @@ def markdown(result: dict) -> str:
     c = result["case"]
     lines = [f"# {c['shape']}, seq {c['seq']} x {c['micro_batch']} x accum {c['accumulation']}, "
              f"{c['gpus']} GPU(s), clip {c['clip']}, state {c['state_format']}",
-             "", f"card: {result['card']} · commit {result['commit']} · {result['date']}", "",
+             "", f"card: {result['card']} · commit {result['commit']} · {result['date']}", *allocator(c), "",
              "| system | s/step | tokens/s | model TFLOPS per GPU | MFU | peak GPU GiB | host GiB |", "|---|---|---|---|---|---|---|"]
     for name, e in result["systems"].items():
         if e is None:
@@ -120,10 +124,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def allocator(case: dict) -> list[str]:
+    """The CUDA allocator's setting every system ran with (the bench's processes share its environment)."""
+    if "cuda_alloc_conf" not in case:  # a record from before the bench wrote it
+        return []
+    given = case["cuda_alloc_conf"]
+    return [f"CUDA allocator, every system: {given[0]}={given[1]}" if given else "CUDA allocator, every system: torch's default"]
+
+
 def in_step(h: dict) -> list[str]:
     """Where the step's time went (records from before these fields: nothing)."""
     if h.get("fwd_bwd_in_step_s") is None:
         return []
-    return [f"within the step: forward+backward {h['fwd_bwd_in_step_s']:.3f} s on the compute stream (each forward's "
+    cpu = h.get("cpu_params_per_s_in_steps")
+    alone = h.get("cpu_params_per_s_alone")
+    rates = ([f"CPU kernel {cpu / 1e9:.2f} G params/s in the timed steps"
+              + (f", {alone / 1e9:.2f} alone (the floor's CPU optimizer)." if alone else ".")] if cpu else [])
+    return rates + [f"within the step: forward+backward {h['fwd_bwd_in_step_s']:.3f} s on the compute stream (each forward's "
             f"start to its backward's end, waits included), the window's last engine.step() {h['boundary_step_s']:.3f} s "
-            "on the host."]
+            "on the host."] + ([f"timed steps {h['step_times']} s (the median is the step), allocator retries "
+                               f"{h['alloc_retries']}."] if h.get("step_times") else [])

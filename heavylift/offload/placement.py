@@ -16,6 +16,9 @@ takes whatever is left (state on the GPU never costs GPU time worth speaking of)
              -> one block stops recomputing; a probe records what it keeps (shard/recompute.py)
     step 3   measured: the new peak -> as many more blocks stop recomputing as the spare memory holds
     step 4   measured: the new peak -> the tail grows into what is left (tail_budget_params)
+    every 2  gpu_assist auto only, until a checkpoint settles the placement: the CPU's rate over those
+             steps -> the share balanced again, taken where it moved by more than 0.05 (a CPU that slows
+             down mid-run, say beside data workers or on a shared box, hands more of the pass to the link)
 
 Each decision reads the peak since the previous one; a skipped step (inf/NaN) decides nothing. Every
 count is agreed over the ranks (what memory fits: the smallest; what hiding needs: the largest; a rank with
@@ -40,6 +43,12 @@ from heavylift.shard.recompute import ActivationProbe, blocks_to_uncheck, checkp
 log = logging.getLogger("heavylift")
 
 NO_SAY = 2**40  # a rank with nothing to decide (no host bucket) offers this to a smallest-count: it does not veto
+# Once the placement is done, a share auto balanced follows the CPU's rate as measured in the steps, checked
+# every TRACK_EVERY steps over those steps, and moves only by more than TRACK_STEP (the rate is noisy). One
+# H200 box's CPU kernel ran anywhere from 1.6 to 4.0 G params/s from call to call (session 10), so a share
+# balanced in the first steps can leave the forward waiting on a CPU that slowed down later.
+TRACK_EVERY = 2
+TRACK_STEP = 0.05
 
 
 class AutoPlacement:
@@ -57,6 +66,8 @@ class AutoPlacement:
         self._fwd = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         self._timing, self._wait0, self._waited = False, 0.0, 0.0
         self.log: list[str] = []  # the decisions, for the startup plan and the benchmark
+        # the share follows the CPU (_track) from the end of the placement until settle(): set where auto balanced it
+        self.tracking, self._link, self._mark, self._since = False, 0.0, (0, 0.0), 0
 
     @property
     def active(self) -> bool:
@@ -68,6 +79,7 @@ class AutoPlacement:
             self.probe.remove()
             self.probe = None
         self.stage = 5
+        self.tracking = False
 
     # ---- measurements -------------------------------------------------------------------------
     def forward_started(self) -> None:
@@ -94,7 +106,11 @@ class AutoPlacement:
 
     # ---- decisions ------------------------------------------------------------------------------
     def after_step(self, skipped: bool) -> None:
-        if not self.active or skipped:
+        if skipped:
+            return
+        if not self.active:
+            if self.tracking:
+                self._track()
             return
         stage, self.stage = self.stage, self.stage + 1
         if stage == 1:
@@ -116,12 +132,9 @@ class AutoPlacement:
         if self.assist:  # on every rank, host buckets or not (shards differ): the share is agreed below
             self.assist = False
             p.wait_all()  # the link alone: the step's own uploads done (once, at this step)
-            fmt, link = e.state_format, link_bytes_per_s(self.device, pinned=e.config.offload.pin_memory)
-            share = balanced_share(rate, link, fmt.back_bytes, grad_slot.slot_bytes(e.grad_slot), fmt.upload_bytes)
-            # the smallest over the ranks: a checkpoint records one share, and a resume must step alike
-            # (a rank without host buckets has nothing to assist: it offers 1, above any share, so it does not veto)
-            agreed = e._min_over_ranks(int((share if host else 1.0) * 1e6), "gpu_assist share all-reduce") / 1e6
-            p.gpu_assist = agreed if agreed < 1.0 else 0.0
+            link = link_bytes_per_s(self.device, pinned=e.config.offload.pin_memory)
+            p.gpu_assist = self._agreed_share(self._balanced(rate, link), bool(host))
+            self.tracking, self._link, self._mark = bool(host) or e.env.world_size > 1, link, (p.cpu_params, p.cpu_seconds)
             self._note(f"gpu_assist {p.gpu_assist:.2f}: CPU {rate / 1e9:.2f} G params/s against the link's "
                        f"{link / 1e9:.1f} GB/s up (a non-speculated post-norm pass {pass_speedup(p.gpu_assist):.2f}x "
                        "shorter)")
@@ -164,6 +177,37 @@ class AutoPlacement:
             self._note("probe: the last block keeps its activations for one step")
         elif self.recompute:
             self.recompute = False
+
+    def _balanced(self, rate: float, link: float) -> float:
+        fmt = self.engine.state_format
+        return balanced_share(rate, link, fmt.back_bytes, grad_slot.slot_bytes(self.engine.grad_slot), fmt.upload_bytes)
+
+    def _agreed_share(self, share: float, has_host: bool) -> float:
+        """The smallest share over the ranks: a checkpoint records one share, and a resume must step alike
+        (a rank without host buckets has nothing to assist: it offers 1, above any share, so it does not veto)."""
+        agreed = self.engine._min_over_ranks(int((share if has_host else 1.0) * 1e6), "gpu_assist share all-reduce") / 1e6
+        return agreed if agreed < 1.0 else 0.0
+
+    def _track(self) -> None:
+        """Every TRACK_EVERY steps: the share that balances the link against the CPU's rate over those steps
+        (the kernel as the worker ran it, beside the backward and the next forward), taken where it moved by
+        more than TRACK_STEP. Every rank calls this at the same steps (the share is agreed). The tail stays:
+        it holds memory, and the assist's own memory is two slots whatever the share."""
+        self._since += 1
+        if self._since < TRACK_EVERY:
+            return
+        self._since = 0
+        p, e = self.engine.pipeline, self.engine
+        params, seconds = p.cpu_params - self._mark[0], p.cpu_seconds - self._mark[1]
+        self._mark = (p.cpu_params, p.cpu_seconds)
+        has_host = e.first_tail > 0
+        share = self._balanced(params / seconds, self._link) if params > 0 and seconds > 0 else p.gpu_assist
+        agreed = self._agreed_share(share, has_host)
+        if abs(agreed - p.gpu_assist) > TRACK_STEP:
+            self._note(f"gpu_assist {p.gpu_assist:.2f} -> {agreed:.2f}: the CPU stepped {params / seconds / 1e9:.2f} "
+                       f"G params/s over the last {TRACK_EVERY} steps" if seconds > 0 else
+                       f"gpu_assist {p.gpu_assist:.2f} -> {agreed:.2f}")
+            p.gpu_assist = agreed
 
     def _stage3(self) -> None:
         spare = self._spare()

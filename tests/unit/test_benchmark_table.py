@@ -42,6 +42,20 @@ def test_the_table_says_where_the_step_went_when_the_record_has_it():
     assert two["fwd_bwd_in_step_s"] == 1.4 and two["boundary_step_s"] == 0.031  # the slowest rank's
 
 
+def test_the_table_names_the_allocator_and_the_timed_steps():
+    assert "CUDA allocator" not in markdown(assemble(CASE, "NVIDIA H100", "abc", "2026-11-28", CEIL, STEP, {}, {}))
+    timed = {**STEP, "fwd_bwd_in_step_s": 1.25, "boundary_step_s": 0.031, "step_times": [1.6, 1.5, 1.4],
+             "alloc_retries": 3, "cpu_params_per_s_in_steps": 1.25e9}
+    case = {**CASE, "cuda_alloc_conf": ["PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"]}
+    md = markdown(assemble(case, "NVIDIA H100", "abc", "2026-11-28", CEIL, timed, {}, {}))
+    assert "CUDA allocator, every system: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in md
+    assert "timed steps [1.6, 1.5, 1.4] s" in md and "allocator retries 3" in md
+    # host params 2.5 B over the floor's CPU optimizer 0.5 s
+    assert "CPU kernel 1.25 G params/s in the timed steps, 5.00 alone" in md
+    md = markdown(assemble({**CASE, "cuda_alloc_conf": None}, "NVIDIA H100", "abc", "2026-11-28", CEIL, timed, {}, {}))
+    assert "CUDA allocator, every system: torch's default" in md
+
+
 def test_bench_refuses_without_a_gpu(capsys):
     assert main(["bench", "--model", "tiny"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err

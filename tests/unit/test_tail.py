@@ -50,10 +50,10 @@ def test_forward_deadlines_follow_block_sizes_and_put_the_root_first():
     assert d == [0.5, 0.5, 0.25, 0.0, 0.0]
 
 
-def _stage2_tail(monkeypatch, auto: bool, share: float, redo_assisted: bool, first_ram: int = 0):
-    """The measured placement's stage 2 on a stand-in engine (one rank): 8 host buckets of 1 M params, CPU
-    1e7 params/s, forward 0.2 s, memory for all of them; gpu_assist auto (the link timed at 1.8e8 B/s, which
-    balances fp32 at 0.5) or a hand-set ``share``. What it grows and what it notes."""
+def _stand_in(monkeypatch, auto: bool, share: float, redo_assisted: bool, first_ram: int = 0):
+    """The measured placement on a stand-in engine (one rank): 8 host buckets of 1 M params, CPU 1e7
+    params/s, forward 0.2 s, memory for all of them; gpu_assist auto (the link timed at 1.8e8 B/s, which
+    balances fp32 at 0.5) or a hand-set ``share``. The placement and the engine."""
     import types
 
     import heavylift.offload.placement as placement
@@ -75,6 +75,13 @@ def _stage2_tail(monkeypatch, auto: bool, share: float, redo_assisted: bool, fir
     p = object.__new__(AutoPlacement)  # its __init__ reads the card; stage 2 needs only these
     p.engine, p.blocks, p.tail, p.recompute, p.tail_bytes, p.log, p.probe = e, [], True, False, 16, [], None
     p.assist, p.device, p._spare, p._forward_s = auto, None, lambda: 8 * 2**20 * 16, lambda: 0.2
+    p.tracking, p._link, p._mark, p._since = False, 0.0, (0, 0.0), 0
+    return p, e
+
+
+def _stage2_tail(monkeypatch, auto: bool, share: float, redo_assisted: bool, first_ram: int = 0):
+    """Stage 2 on the stand-in: what it grows and what it notes."""
+    p, e = _stand_in(monkeypatch, auto, share, redo_assisted, first_ram)
     p._stage2()
     return e.grown, [m for m in p.log if "hide" in m][0]
 
@@ -92,3 +99,44 @@ def test_hiding_plans_with_the_pass_the_assist_shares(monkeypatch):
         args = {"share": 0.0, "redo_assisted": True, **kw}
         grown, note = _stage2_tail(monkeypatch, **args)
         assert grown == [alone] and "with the assist" not in note, kw
+
+
+def test_an_auto_share_follows_the_cpu_measured_in_the_steps(monkeypatch):
+    """After the placement, every TRACK_EVERY steps the share is balanced again against the CPU's rate over
+    those steps: a CPU at a quarter of its first rate moves it from 0.5 up; noise within TRACK_STEP moves
+    nothing; a checkpoint's settle() ends it; a hand-set share is never moved."""
+    from heavylift.offload.assist_share import balanced_share
+    from heavylift.offload.placement import TRACK_EVERY, TRACK_STEP
+
+    p, e = _stand_in(monkeypatch, auto=True, share=0.0, redo_assisted=True)
+    p._stage2()
+    pipe = e.pipeline
+    assert p.tracking and pipe.gpu_assist == 0.5
+    p.stage = 5  # the placement is done: after_step now only tracks
+
+    def steps(n: int, rate: float) -> None:
+        for _ in range(n):
+            pipe.cpu_params += 1e6
+            pipe.cpu_seconds += 1e6 / rate
+            p.after_step(False)
+
+    steps(TRACK_EVERY, 1e7 * 0.97)  # within the noise: stays
+    assert pipe.gpu_assist == 0.5 and not any("->" in m for m in p.log)
+    steps(TRACK_EVERY - 1, 2.5e6)
+    assert pipe.gpu_assist == 0.5  # not yet a full window
+    steps(1, 2.5e6)
+    want = int(balanced_share(2.5e6, 1.8e8, 12, 2, 4) * 1e6) / 1e6
+    assert pipe.gpu_assist == want > 0.5 + TRACK_STEP
+    assert any("gpu_assist 0.50 -> " in m and "0.00 G params/s over the last" in m for m in p.log)
+    p.after_step(True)  # a skipped step counts for nothing
+    p.settle()
+    steps(4 * TRACK_EVERY, 1e7)
+    assert pipe.gpu_assist == want and not p.tracking
+
+    p, e = _stand_in(monkeypatch, auto=False, share=0.3, redo_assisted=True)
+    p._stage2()
+    p.stage = 5
+    e.pipeline.cpu_params, e.pipeline.cpu_seconds = 2e7, 8.0
+    for _ in range(4 * TRACK_EVERY):
+        p.after_step(False)
+    assert not p.tracking and e.pipeline.gpu_assist == 0.3
