@@ -75,8 +75,10 @@ def _batch(cfg, a) -> torch.Tensor:
 
 def measure_steps(engine, cfg, a, clip: float, assist: float | str = 0.0) -> dict:
     engine.config.optim.max_grad_norm = clip
-    if assist != "auto":  # auto: the placement sets it after the first steps
+    if assist != "auto":  # auto: the placement sets it after the first steps, then follows the CPU's rate
         engine.pipeline.gpu_assist = assist  # read at each step's norm (its thread exists if any phase uses it)
+        if engine.placement is not None:
+            engine.placement.tracking = False  # a phase with a share set by hand keeps it
     spec0 = dict(engine.pipeline.stats)
     times, waits, norms, retries, spans, bounds = [], [], [], 0, [], []
     cpu0 = (0, 0.0)
