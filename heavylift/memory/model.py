@@ -23,6 +23,7 @@ class ModelShape:
     kv_dim: int  # kv heads x head_dim
     vocab: int
     qk_norm: bool = False
+    heads: int = 0  # attention (query) heads; 0: not known (the planner then assumes 64-wide heads)
 
     @property
     def params(self) -> int:
@@ -110,4 +111,5 @@ def shape_of_model(model, name: str = "") -> ModelShape:
     return ModelShape(name=name or type(model).__name__, units=tuple(tuple(u) for u in units),
                       layers=len(blocks), hidden=hidden, ffn=getattr(text, "intermediate_size", 4 * hidden),
                       q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=text.vocab_size,
-                      qk_norm=getattr(text, "model_type", "") in ("qwen3", "qwen3_moe", "olmo2", "gemma3"))
+                      qk_norm=getattr(text, "model_type", "") in ("qwen3", "qwen3_moe", "olmo2", "gemma3"),
+                      heads=heads)

@@ -296,7 +296,7 @@ def plan(shape: ModelShape, setup: Setup, machine: Machine = Machine(), rates: R
     weights = db * rank_params
     tail_state = int(_tail_format(setup).state_bytes * tail_params)
     if setup.activation_checkpointing:
-        stored = shape.layers * tokens * (h * 2 + (saved_bytes_per_token(shape.q_dim) if setup.save_attention else 0))
+        stored = shape.layers * tokens * (h * 2 + (saved_bytes_per_token(shape.q_dim, shape.heads) if setup.save_attention else 0))
         block_run = tokens * (saved + work)
     else:
         stored = shape.layers * tokens * (saved + 2 * h)

@@ -66,8 +66,8 @@ def dropout_in(model: torch.nn.Module) -> str | None:
     return None
 
 
-def saved_bytes_per_token(q_dim: int, head_dim: int = 64, dtype_bytes: int = 2) -> int:
+def saved_bytes_per_token(q_dim: int, heads: int = 0, dtype_bytes: int = 2) -> int:
     """What a checkpointed block keeps beyond its input, per token: the attention output (heads x head_dim
-    in the compute dtype) and an fp32 log-sum-exp per head. ``head_dim`` 64 over-counts the log-sum-exp of
-    models with 128 (a planner's bound)."""
-    return dtype_bytes * q_dim + 4 * (q_dim // head_dim)
+    in the compute dtype) and an fp32 log-sum-exp per head. ``heads`` 0 (not known) counts 64-wide heads,
+    an upper bound for the usual 64 and 128."""
+    return dtype_bytes * q_dim + 4 * (heads or q_dim // 64)

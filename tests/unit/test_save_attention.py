@@ -72,8 +72,10 @@ def test_the_engine_trains_the_same_bits_with_it():
 def test_the_planner_counts_the_saved_outputs():
     shape = model_shape("qwen3-4b")
     off, on = (plan(shape, Setup(seq=4096, mbs=4, save_attention=s)) for s in (False, True))
-    extra = shape.layers * 4 * 4096 * saved_bytes_per_token(shape.q_dim)
-    assert saved_bytes_per_token(4096) == 2 * 4096 + 4 * 64  # bf16 output, fp32 log-sum-exp per 64-wide head
+    assert (shape.heads, shape.q_dim) == (32, 4096)  # qwen3-4b: 32 heads of 128
+    # per token and block: the bf16 output and one fp32 log-sum-exp per head (64-wide heads where not known)
+    assert saved_bytes_per_token(4096, 32) == 2 * 4096 + 4 * 32 and saved_bytes_per_token(4096) == 2 * 4096 + 4 * 64
+    extra = shape.layers * 4 * 4096 * (2 * 4096 + 4 * 32)
     name = "activations: stored block inputs + attention outputs"
     assert on.gpu[name] - off.gpu["activations: stored block inputs"] == extra
     assert on.gpu_peak - off.gpu_peak == extra
