@@ -26,7 +26,9 @@
 #                saves again (keeping one), an export of that (save/resume/export timings, peak host RSS), and `heavylift estimate` for the same case beside what train measured
 #
 # HEAVYLIFT_COMMIT names the commit (the tree travels without .git). Logs land in $OUT.
-# SAVE_ATTN=1 (bench) runs heavylift with engine.save_attention.
+# SAVE_ATTN=1 (bench) runs heavylift with engine.save_attention. BENCH_STEPS (bench, default 5) timed steps for
+# heavylift and each peer: the lent box's CPU drifts from step to step, and the median of 5 steadies the figure.
+# HEAVYLIFT_BIND_CORES=on (any part) pins one rank too: the training thread on its own core, the optimizer's on the rest.
 # GPU_MEM=78.5 (bench, llama8b, small, assist) caps heavylift's allocator as on an 80 GB card (engine.gpu_memory_gib);
 # GPU_CARD=79.1 (largest; an 80 GB card as torch reports it) plans and tries the largest model for a card of that size.
 set -uo pipefail
@@ -45,7 +47,7 @@ tests)
   ;;
 bench)
   mkdir -p "$OUT/r"
-  timeout ${BENCH_TIMEOUT:-480} python -m heavylift bench --model qwen3-4b --seq 4096 --mbs 4 --steps 3 \
+  timeout ${BENCH_TIMEOUT:-480} python -m heavylift bench --model qwen3-4b --seq 4096 --mbs 4 --steps ${BENCH_STEPS:-5} \
     --peers-dir .bench/bench --peers "${PEERS:-fsdp2-offload,deepspeed-zero3-offload,deepspeed-superoffload}" \
     --peer-timeout "${PEER_TIMEOUT:-110}" --budget-s "${BENCH_BUDGET:-0}" ${GPU_MEM:+--gpu-memory-gib $GPU_MEM} \
     ${SAVE_ATTN:+--save-attention} --out "$OUT/r" > "$OUT/bench.log" 2>&1
