@@ -8,7 +8,8 @@ SYSTEMS = ("heavylift", "deepspeed-zero3-offload", "deepspeed-superoffload", "fs
 def combine_ranks(lines: list[dict]) -> dict:
     """One heavylift step record from every rank's (same keys): tokens/s summed, TFLOPS the mean per GPU, the
     step and each floor part the slowest rank's (the parts are measured on all ranks at once), peak GPU
-    memory the largest, host RSS summed (the node's); the rest is rank 0's."""
+    memory the largest, host RSS summed (the node's), the CPU kernel's rate in the steps the slowest rank's;
+    the rest is rank 0's."""
     if len(lines) == 1:
         return {**lines[0], "gpus": 1}
     n = len(lines)
@@ -22,6 +23,9 @@ def combine_ranks(lines: list[dict]) -> dict:
            "host_rss_gib": round(sum(r["host_rss_gib"] for r in lines), 2),
            "forward_wait_s": max(r["forward_wait_s"] for r in lines),
            **{k: max(r[k] for r in lines) for k in ("fwd_bwd_in_step_s", "boundary_step_s") if k in lines[0]}}
+    rates = [r.get("cpu_params_per_s_in_steps") for r in lines]
+    if all(x is not None for x in rates):  # the slowest rank's CPU kernel in the steps
+        out["cpu_params_per_s_in_steps"] = min(rates)
     out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None
     return out
 

@@ -40,6 +40,8 @@ def test_the_table_says_where_the_step_went_when_the_record_has_it():
     assert "forward+backward 1.250 s on the compute stream" in markdown(r) and "engine.step() 0.031 s" in markdown(r)
     two = combine_ranks([{**timed, "floor": STEP["floor"]}, {**timed, "fwd_bwd_in_step_s": 1.4, "floor": STEP["floor"]}])
     assert two["fwd_bwd_in_step_s"] == 1.4 and two["boundary_step_s"] == 0.031  # the slowest rank's
+    rates = combine_ranks([{**timed, "floor": STEP["floor"], "cpu_params_per_s_in_steps": x} for x in (3e9, 2e9)])
+    assert rates["cpu_params_per_s_in_steps"] == 2e9
 
 
 def test_the_table_names_the_allocator_and_the_timed_steps():
