@@ -9,7 +9,7 @@ to 5.53 s/step (alloc retries 9 -> 5), qwen3-4b seq 4096 x 4 from 1.32 to 1.06 (
 torch reads the setting from the environment once, at or before the first CUDA allocation (``import torch``
 may already register it), so it is set in the environment before torch is imported: by ``heavylift``'s
 command line (cli.main) and for the processes the bench starts. A library user who imports torch first sets
-``PYTORCH_CUDA_ALLOC_CONF`` themselves; the engine's placement notes say which it is.
+``PYTORCH_CUDA_ALLOC_CONF`` themselves; the engine's startup log says which it runs with.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def expandable_segments_on(environ: MutableMapping[str, str] | None = None) -> b
 
 
 def allocator_note(environ: MutableMapping[str, str] | None = None) -> str:
-    """One line for the placement notes: which allocator setting this process runs with."""
+    """One line for the engine's startup log: which allocator setting this process runs with."""
     given = given_setting(environ)
     if expandable_segments_on(environ):
         return f"CUDA allocator: expandable segments ({given[0]}={given[1]})"

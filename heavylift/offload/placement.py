@@ -200,13 +200,11 @@ class AutoPlacement:
         p, e = self.engine.pipeline, self.engine
         params, seconds = p.cpu_params - self._mark[0], p.cpu_seconds - self._mark[1]
         self._mark = (p.cpu_params, p.cpu_seconds)
-        has_host = e.first_tail > 0
-        share = self._balanced(params / seconds, self._link) if params > 0 and seconds > 0 else p.gpu_assist
-        agreed = self._agreed_share(share, has_host)
+        rate = params / seconds if params > 0 and seconds > 0 else 0.0  # 0: no CPU step in the window
+        agreed = self._agreed_share(self._balanced(rate, self._link) if rate else p.gpu_assist, e.first_tail > 0)
         if abs(agreed - p.gpu_assist) > TRACK_STEP:
-            self._note(f"gpu_assist {p.gpu_assist:.2f} -> {agreed:.2f}: the CPU stepped {params / seconds / 1e9:.2f} "
-                       f"G params/s over the last {TRACK_EVERY} steps" if seconds > 0 else
-                       f"gpu_assist {p.gpu_assist:.2f} -> {agreed:.2f}")
+            self._note(f"gpu_assist {p.gpu_assist:.2f} -> {agreed:.2f}: the CPU stepped {rate / 1e9:.2f} G params/s "
+                       f"over the last {TRACK_EVERY} steps")
             p.gpu_assist = agreed
 
     def _stage3(self) -> None:
