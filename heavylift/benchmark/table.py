@@ -8,8 +8,8 @@ SYSTEMS = ("heavylift", "deepspeed-zero3-offload", "deepspeed-superoffload", "fs
 def combine_ranks(lines: list[dict]) -> dict:
     """One heavylift step record from every rank's (same keys): tokens/s summed, TFLOPS the mean per GPU, the
     step and each floor part the slowest rank's (the parts are measured on all ranks at once), peak GPU
-    memory the largest, host RSS summed (the node's), the CPU kernel's rate in the steps the slowest rank's;
-    the rest is rank 0's."""
+    memory the largest, host RSS summed (the node's), the CPU kernel's rate in the steps and alone the
+    slowest rank's (each rank's host params over its own time); the rest is rank 0's."""
     if len(lines) == 1:
         return {**lines[0], "gpus": 1}
     n = len(lines)
@@ -26,8 +26,17 @@ def combine_ranks(lines: list[dict]) -> dict:
     rates = [r.get("cpu_params_per_s_in_steps") for r in lines]
     if all(x is not None for x in rates):  # the slowest rank's CPU kernel in the steps
         out["cpu_params_per_s_in_steps"] = min(rates)
+    alone = [_cpu_rate_alone(r) for r in lines]
+    if all(x is not None for x in alone):
+        out["cpu_params_per_s_alone"] = min(alone)
     out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None
     return out
+
+
+def _cpu_rate_alone(step: dict) -> float | None:
+    """One record's host params over its floor's CPU optimizer time; None where either is missing."""
+    cpu_s = step.get("floor", {}).get("cpu_optimizer_s")
+    return step["host_params"] / cpu_s if step.get("host_params") and cpu_s else None
 
 
 def combine_peer_ranks(lines: list[dict]) -> dict:
@@ -80,8 +89,7 @@ def assemble(case: dict, card: str, commit: str, date: str, ceilings: dict, step
                       "compile": step.get("compile"), "host_rss_now_gib": step.get("host_rss_now_gib"),
                       "step_times": step.get("step_times"), "alloc_retries": step.get("alloc_retries"),
                       "cpu_params_per_s_in_steps": step.get("cpu_params_per_s_in_steps"),
-                      "cpu_params_per_s_alone": step["host_params"] / f["cpu_optimizer_s"]
-                      if step.get("host_params") and (f := step["floor"]).get("cpu_optimizer_s") else None},
+                      "cpu_params_per_s_alone": step.get("cpu_params_per_s_alone", _cpu_rate_alone(step))},
         "notes": notes,
         "weak_scaling": weak_scaling(scaling) if scaling and len(scaling) > 1 else None,
     }

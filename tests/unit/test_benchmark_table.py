@@ -161,6 +161,11 @@ def test_heavylift_ranks_combined_and_weak_scaling():
     assert two["gpus"] == 2 and two["step_s"] == 1.6 and two["tokens_per_s"] == round(10922.7 + 10240.0, 1)
     assert two["tflops"] == 280.0 and two["peak_gpu_gib"] == 61.0 and two["host_rss_gib"] == 100.0
     assert two["floor"] == {"fwd_bwd_s": 1.3, "cpu_optimizer_s": 0.7, "link_s": 0.2, "floor_s": 1.3}
+    # each rank's own host params over its own CPU time, the slowest: not rank 0's params over rank 1's time
+    r1_small = {**r1, "host_params": 1_000_000_000}
+    assert combine_ranks([r0, r1_small])["cpu_params_per_s_alone"] == min(2.5e9 / 0.5, 1e9 / 0.7)
+    assert assemble({**CASE, "gpus": 2}, "NVIDIA H100", "abc", "2026-11-28", CEIL, combine_ranks([r0, r1_small]), {},
+                    {})["heavylift"]["cpu_params_per_s_alone"] == 1e9 / 0.7
     assert combine_ranks([r0]) == {**r0, "gpus": 1}
     unmeasured = [{**r, "floor": {"floor_s": None}} for r in (r0, r1)]  # step benchmark --floor 0
     assert combine_ranks(unmeasured)["floor"] == {"floor_s": None}
