@@ -20,7 +20,9 @@ from support.tolerance import check
 
 pytestmark = pytest.mark.dist
 
-CASES = [Case("clip_mixed", max_norm=2.0, lr=1e-2, steps=12),
+# clip_mixed: 6 of 12 steps clip at max_norm 1.8 (lr 3e-3). At lr 1e-2 (max_norm 2.0) the moments' error reached 0.80 of
+# tolerance.py's bound on an AVX-512 EPYC (trajectory amplification, support/equivalence.py); 0.02-0.03 here
+CASES = [Case("clip_mixed", max_norm=1.8, steps=12),
          Case("partial_nan_skip", max_norm=1.0, bucket_params=3000, nvme_ratio=0.5, nan_step=2, steps=5),
          Case("accum2_clip", max_norm=2.0, lr=1e-2, grad_accum=2, steps=4)]
 ASSIST_CASES = [Case("assist_clip_always", max_norm=0.05, speculate=False, bucket_params=3000, steps=5),

@@ -22,7 +22,7 @@ from support.tolerance import check
 
 CASES = [
     Case("no_clip", max_norm=0.0, steps=6),
-    Case("clip_mixed", max_norm=2.0, lr=1e-2, steps=8),
+    Case("clip_mixed", max_norm=1.8, steps=8),  # 4 of 8 clip; at lr 1e-2 the error reached 0.51 of the bound
     Case("accum3_clip_decay", max_norm=1.0, grad_accum=3, weight_decay=0.1, steps=6),
     Case("nan_skip", max_norm=1.0, nan_step=3, steps=6),
     Case("partial_small_buckets", max_norm=1.0, bucket_params=3000, nvme_ratio=0.5, nvme_buffers=2, steps=6),
