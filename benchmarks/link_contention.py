@@ -18,6 +18,8 @@ import time
 
 import torch
 
+if not torch.cuda.is_available():
+    raise SystemExit("link_contention.py times pinned copies to and from a GPU: run it on a CUDA box")
 torch.manual_seed(0)
 K, n = 20, 30_000_000
 N = K * n
