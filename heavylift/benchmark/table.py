@@ -23,12 +23,10 @@ def combine_ranks(lines: list[dict]) -> dict:
            "host_rss_gib": round(sum(r["host_rss_gib"] for r in lines), 2),
            "forward_wait_s": max(r["forward_wait_s"] for r in lines),
            **{k: max(r[k] for r in lines) for k in ("fwd_bwd_in_step_s", "boundary_step_s") if k in lines[0]}}
-    rates = [r.get("cpu_params_per_s_in_steps") for r in lines]
-    if all(x is not None for x in rates):  # the slowest rank's CPU kernel in the steps
-        out["cpu_params_per_s_in_steps"] = min(rates)
-    alone = [_cpu_rate_alone(r) for r in lines]
-    if all(x is not None for x in alone):
-        out["cpu_params_per_s_alone"] = min(alone)
+    for key, rates in (("cpu_params_per_s_in_steps", [r.get("cpu_params_per_s_in_steps") for r in lines]),
+                       ("cpu_params_per_s_alone", [_cpu_rate_alone(r) for r in lines])):
+        if all(x is not None for x in rates):  # the slowest rank's CPU kernel
+            out[key] = min(rates)
     out["step_over_floor"] = round(out["step_s"] / floor["floor_s"], 3) if floor["floor_s"] else None
     return out
 
